@@ -1,0 +1,24 @@
+"""Expert-choice MoE ViT-B/16: 8 experts in every odd block, capacity factor 2.
+
+Reproduces: expert-choice routing (Zhou et al. 2022, "EC-CF2") applied to
+V-MoE-B/16: each expert takes its top-C tokens of a routing group with
+C = group_size * 2 / E, so on average every token is processed by two experts
+(same compute as top-2 token choice); no auxiliary balancing loss is needed.
+Groups of 4 images (788 tokens); 300 epochs at batch 4096.
+
+  python main.py --config=configs/ec_moe_b16.py --workdir=$WORKDIR \
+      --config.dataset.data_dir=/path/to/tfds
+"""
+
+from configs import common
+
+
+def get_config():
+  config = common.imagenet_recipe(common.get_base_config())
+  config.model.variant = 'B/16'
+  config.model.dropout = 0.1
+  config.model.moe = common.moe_config(
+      layers='every:2', router='expert_choice', num_experts=8,
+      group_size=4 * 197, capacity_factor=2.0, noise_std=0.0,
+      importance_loss_weight=0.0, load_loss_weight=0.0)
+  return config

@@ -1,0 +1,44 @@
+"""Shared fixtures: the digits dataset is built once per test session."""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope='session')
+def digits_data_dir(tmp_path_factory):
+  """A data_dir holding the prepared `digits` dataset."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config = common.get_base_config()
+  common.digits_data(config)
+  config.dataset.data_dir = data_dir
+  pipeline.prepare_dataset(config.dataset)
+  return data_dir
+
+
+def tiny_digits_config(data_dir: str, **overrides):
+  """A seconds-long training config on digits (ViT-mu/2)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_base_config()
+  common.digits_data(config)
+  config.dataset.data_dir = data_dir
+  config.model.variant = 'mu/2'
+  config.batch_size = 32
+  config.eval_batch_size = 100
+  config.num_train_steps = 12
+  config.log_every_steps = 4
+  config.eval_every_steps = 12
+  config.checkpoint_every_steps = 4
+  config.schedule.warmup_steps = 2
+  config.optimizer.learning_rate = 3e-3
+  for key, value in overrides.items():
+    node = config
+    *parents, name = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[name] = value
+  return config

@@ -1,0 +1,125 @@
+"""The command line: clear one-line errors, SIGKILL + rerun resumes exactly."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vmoe.train import trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=300):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny_config_file(tmp_path, data_dir, steps=16, every=4):
+  path = tmp_path / 'tiny_config.py'
+  path.write_text(textwrap.dedent(f'''\
+      from configs import common
+
+      def get_config():
+        config = common.get_base_config()
+        common.digits_data(config)
+        config.dataset.data_dir = {data_dir!r}
+        config.model.variant = 'mu/2'
+        config.model.dropout = 0.1
+        config.batch_size = 32
+        config.eval_batch_size = 100
+        config.num_train_steps = {steps}
+        config.log_every_steps = 4
+        config.eval_every_steps = {steps}
+        config.checkpoint_every_steps = {every}
+        config.schedule.warmup_steps = 2
+        return config
+      '''))
+  return str(path)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.variant=X/16', "config.model.variant='X/16'"),
+    ('--config.preprocess.image_size=9', 'config.preprocess.image_size=9 is not divisible'),
+    ('--config.optimizer.learning_rate=-0.001', 'config.optimizer.learning_rate=-0.001 must be positive'),
+    ('--config.optimizer.name=adagradx', "config.optimizer.name='adagradx'"),
+    ('--config.dataset.name=cifar10', "'cifar10'"),
+])
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, override, message):
+  workdir = tmp_path / 'work'
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)
+  marker = workdir / 'checkpoints' / '4' / 'marker'
+  marker.write_text('previous checkpoint')
+  extra = []
+  if 'cifar10' in override:
+    extra = [f'--config.dataset.data_dir={tmp_path / "empty"}']
+  start = time.time()
+  proc = _run('--config=configs/vit_digits.py', f'--workdir={workdir}',
+              override, *extra, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines and lines[-1].startswith('error: '), proc.stderr
+  assert message in lines[-1]
+  assert 'Traceback' not in proc.stderr + proc.stdout
+  assert len([l for l in lines if l.startswith('error')]) == 1
+  assert marker.read_text() == 'previous checkpoint'
+  assert sorted(p.name for p in workdir.rglob('*')) == ['4', 'checkpoints',
+                                                       'marker']
+  assert time.time() - start < 60
+
+
+def test_missing_required_field(tmp_path):
+  path = tmp_path / 'broken.py'
+  path.write_text(textwrap.dedent('''\
+      from configs import vit_digits
+
+      def get_config():
+        config = vit_digits.get_config()
+        del config.optimizer['learning_rate']
+        return config
+      '''))
+  proc = _run(f'--config={path}', f'--workdir={tmp_path / "w"}')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: config.optimizer.learning_rate is missing (required field)')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_sigkill_and_rerun_gives_identical_parameters(digits_data_dir,
+                                                      tmp_path):
+  """Kill -9 at a random point (saves every step, so likely mid-save)."""
+  config = _tiny_config_file(tmp_path, digits_data_dir, steps=16, every=1)
+  full = tmp_path / 'full'
+  proc = _run(f'--config={config}', f'--workdir={full}')
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().splitlines()[-1].startswith('done: step 16')
+
+  killed = tmp_path / 'killed'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  child = subprocess.Popen(
+      [sys.executable, 'main.py', f'--config={config}', f'--workdir={killed}'],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpt_dir = killed / 'checkpoints'
+  while time.time() < deadline and child.poll() is None:
+    steps = [p.name for p in ckpt_dir.glob('*') if p.name.isdigit()]
+    if len(steps) >= 3:
+      break
+    time.sleep(0.05)
+  assert child.poll() is None, 'run finished before it could be killed'
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+
+  proc = _run(f'--config={config}', f'--workdir={killed}')
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().splitlines()[-1].startswith('done: step 16')
+  jax.tree.map(np.testing.assert_array_equal, trainer.final_params(str(full)),
+               trainer.final_params(str(killed)))

@@ -1,0 +1,116 @@
+"""Basic layers shared by the ViT and MoE modules.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (one name per
+array axis: 'embed', 'mlp', 'heads', 'kv', 'expert', 'vocab', ...). The sharding
+code maps these logical names to mesh axes; nothing else reads them.
+
+The MLP slot of a transformer block is any module with the call signature of
+`MlpBlock`:
+
+    y, metrics = mlp(x, train=..., rngs=...)   # x, y: [b, n, d]
+
+`metrics` is a flat dict of scalars/arrays; the key `'auxiliary_loss'` (if
+present) is a scalar already weighted and added to the training loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+DType = Any
+
+AUX_LOSS_KEY = 'auxiliary_loss'
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
+          axes: Sequence[str | None], dtype: DType = jnp.float32) -> nnx.Param:
+  """Creates an `nnx.Param` with `logical_axes` metadata (one name per axis)."""
+  if len(axes) != len(shape):
+    raise ValueError(f'logical axes {axes} do not match shape {shape}')
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
+                   logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias on the last axis; kernel [d_in, d_out]."""
+
+  def __init__(self, in_features: int, out_features: int, *,
+               axes: tuple[str | None, str | None] = ('embed', 'mlp'),
+               use_bias: bool = True,
+               kernel_init: Initializer = nnx.initializers.xavier_uniform(),
+               bias_init: Initializer = nnx.initializers.zeros_init(),
+               dtype: DType | None = None, param_dtype: DType = jnp.float32,
+               rngs: nnx.Rngs):
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), axes,
+                        param_dtype)
+    self.bias = (param(rngs, bias_init, (out_features,), axes[1:], param_dtype)
+                 if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, dtype: DType | None = None,
+               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), ('embed',),
+                       param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros_init(), (dim,), ('embed',),
+                      param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...] + self.bias[...]
+    return y.astype(dtype)
+
+
+def dropout(x: jax.Array, rate: float, *, train: bool,
+            rngs: nnx.Rngs | None) -> jax.Array:
+  """Inverted dropout using the 'dropout' rng stream; identity at eval."""
+  if not train or rate == 0.0:
+    return x
+  if rngs is None:
+    raise ValueError('dropout with train=True needs rngs with a dropout stream')
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class MlpBlock(nnx.Module):
+  """Transformer MLP: Dense(d->h) -> GELU -> dropout -> Dense(h->d).
+
+  x: [b, n, d] -> y: [b, n, d]. Returns (y, {}) to match the MoE slot signature.
+  """
+
+  def __init__(self, dim: int, hidden_dim: int, *, dropout_rate: float = 0.0,
+               dtype: DType | None = None, param_dtype: DType = jnp.float32,
+               rngs: nnx.Rngs):
+    bias_init = nnx.initializers.normal(stddev=1e-6)
+    self.fc1 = Dense(dim, hidden_dim, axes=('embed', 'mlp'), bias_init=bias_init,
+                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = Dense(hidden_dim, dim, axes=('mlp', 'embed'), bias_init=bias_init,
+                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
+    h = nnx.gelu(self.fc1(x), approximate=False)
+    h = dropout(h, self.dropout_rate, train=train, rngs=rngs)
+    return self.fc2(h), {}

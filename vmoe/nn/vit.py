@@ -1,0 +1,283 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) and ViT-MoE in Flax NNX.
+
+The encoder is the standard pre-LN ViT. The MLP slot of every block is pluggable:
+a dense `MlpBlock` or an MoE layer (`vmoe.nn.moe.MoeLayer`: token choice as in
+V-MoE, Riquelme et al. 2021; expert choice, Zhou et al. 2022; Soft MoE,
+Puigcerver et al. 2023), chosen per block from `config.model.moe`.
+
+Shapes: images [b, H, W, C]; tokens [b, n, d] with n = (H/p)*(W/p) (+1 with a
+class token); logits [b, num_classes].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vmoe.nn import layers
+from vmoe.nn.layers import AUX_LOSS_KEY, Dense, LayerNorm, MlpBlock, dropout
+
+
+@dataclasses.dataclass(frozen=True)
+class VitSize:
+  width: int  # d
+  depth: int
+  mlp_dim: int  # h
+  num_heads: int
+
+
+# Standard sizes (ViT paper, Table 1; Ti/S from DeiT; g/G from Zhai et al. 2022).
+VIT_SIZES = {
+    'mu': VitSize(width=64, depth=4, mlp_dim=128, num_heads=2),  # tests/CPU demos
+    'Ti': VitSize(width=192, depth=12, mlp_dim=768, num_heads=3),
+    'S': VitSize(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    'M': VitSize(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    'B': VitSize(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    'L': VitSize(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    'H': VitSize(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    'g': VitSize(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+    'G': VitSize(width=1664, depth=48, mlp_dim=8192, num_heads=16),
+}
+
+_VARIANT_RE = re.compile(r'^(?P<size>[A-Za-z]+)/(?P<patch>\d+)$')
+
+
+def parse_variant(variant: str) -> tuple[VitSize, int]:
+  """'B/16' -> (VitSize of B, patch size 16). Raises ValueError on bad input."""
+  m = _VARIANT_RE.match(str(variant))
+  if not m or m['size'] not in VIT_SIZES or int(m['patch']) < 1:
+    raise ValueError(
+        f'model.variant={variant!r} is not SIZE/PATCH with SIZE in '
+        f'{sorted(VIT_SIZES)} and PATCH a positive integer (e.g. "S/16")')
+  return VIT_SIZES[m['size']], int(m['patch'])
+
+
+def moe_block_indices(spec: Any, depth: int) -> tuple[int, ...]:
+  """Which blocks (0-based) get an MoE MLP.
+
+  spec: a sequence of block indices; 'every:N' (blocks N-1, 2N-1, ..., i.e.
+  V-MoE's "every other layer" for N=2); 'last:N' (the last N blocks);
+  'second_half' (blocks depth//2 .. depth-1, as in Soft MoE B/16); or 'none'.
+  """
+  if spec is None or spec == 'none':
+    return ()
+  if isinstance(spec, str):
+    kind, _, arg = spec.partition(':')
+    if kind == 'second_half' and not arg:
+      return tuple(range(depth // 2, depth))
+    if kind in ('every', 'last') and arg.isdigit() and int(arg) >= 1:
+      n = int(arg)
+      if kind == 'every':
+        return tuple(range(n - 1, depth, n))
+      return tuple(range(max(depth - n, 0), depth))
+    raise ValueError(
+        f"model.moe.layers={spec!r} is not one of 'every:N', 'last:N', "
+        f"'second_half', 'none' or a list of block indices")
+  indices = tuple(int(i) for i in spec)
+  bad = [i for i in indices if not 0 <= i < depth]
+  if bad or len(set(indices)) != len(indices):
+    raise ValueError(f'model.moe.layers={tuple(spec)!r} must be distinct block '
+                     f'indices in [0, {depth})')
+  return tuple(sorted(indices))
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head self-attention; qkv kernel [d, 3, heads, d/heads]."""
+
+  def __init__(self, dim: int, num_heads: int, *, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f'width {dim} not divisible by num_heads {num_heads}')
+    head_dim = dim // num_heads
+    init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
+    self.qkv_kernel = layers.param(rngs, init, (dim, 3, num_heads, head_dim),
+                                   ('embed', None, 'heads', 'kv'), param_dtype)
+    self.qkv_bias = layers.param(rngs, nnx.initializers.zeros_init(),
+                                 (3, num_heads, head_dim),
+                                 (None, 'heads', 'kv'), param_dtype)
+    out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    self.out_kernel = layers.param(rngs, out_init, (num_heads, head_dim, dim),
+                                   ('heads', 'kv', 'embed'), param_dtype)
+    self.out_bias = layers.param(rngs, nnx.initializers.zeros_init(), (dim,),
+                                 ('embed',), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [b, n, d] -> [b, n, d]."""
+    dtype = self.dtype or x.dtype
+    x = x.astype(dtype)
+    qkv = jnp.einsum('bnd,dthk->tbnhk', x, self.qkv_kernel[...].astype(dtype))
+    qkv = qkv + self.qkv_bias[...].astype(dtype)[:, None, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum('bqhk,bmhk->bhqm', q * scale, k)
+    # Softmax in float32 for stability under bf16 activations.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+    out = jnp.einsum('bhqm,bmhk->bqhk', weights, v)
+    out = jnp.einsum('bqhk,hkd->bqd', out, self.out_kernel[...].astype(dtype))
+    return out + self.out_bias[...].astype(dtype)
+
+
+def drop_path(x: jax.Array, rate: float, *, train: bool,
+              rngs: nnx.Rngs | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example."""
+  if not train or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); MLP dense or MoE."""
+
+  def __init__(self, dim: int, num_heads: int, mlp: nnx.Module, *,
+               dropout_rate: float, drop_path_rate: float, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    self.ln1 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn = MultiHeadAttention(dim, num_heads, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+    self.ln2 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = mlp
+    self.dropout_rate = dropout_rate
+    self.drop_path_rate = drop_path_rate
+
+  def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None):
+    y = dropout(self.attn(self.ln1(x)), self.dropout_rate, train=train,
+                rngs=rngs)
+    x = x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    y, metrics = self.mlp(self.ln2(x), train=train, rngs=rngs)
+    y = dropout(y, self.dropout_rate, train=train, rngs=rngs)
+    x = x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    return x, metrics
+
+
+class VisionTransformer(nnx.Module):
+  """ViT / ViT-MoE classifier: images [b, H, W, C] -> logits [b, classes].
+
+  `__call__` returns (logits, metrics); metrics holds 'auxiliary_loss' (sum of
+  the weighted MoE auxiliary losses, 0 for a dense model) and, per MoE block i,
+  its routing metrics under 'block_{i}/<name>'.
+  """
+
+  def __init__(self, *, num_classes: int, image_size: int, num_channels: int,
+               variant: str, pool: str = 'tok', dropout_rate: float = 0.0,
+               stochastic_depth: float = 0.0,
+               moe: ml_collections.ConfigDict | None = None,
+               dtype=None, param_dtype=jnp.float32, head_zero_init: bool = True,
+               rngs: nnx.Rngs):
+    size, patch = parse_variant(variant)
+    if image_size % patch:
+      raise ValueError(f'image size {image_size} is not divisible by the '
+                       f'patch size {patch} of model.variant={variant!r}')
+    if pool not in ('tok', 'gap'):
+      raise ValueError(f"model.pool={pool!r} is not one of 'tok', 'gap'")
+    d = size.width
+    self.patch = patch
+    self.pool = pool
+    self.dtype = dtype
+    self.dropout_rate = dropout_rate
+    num_patches = (image_size // patch) ** 2
+    self.patch_kernel = layers.param(
+        rngs, nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+        (patch, patch, num_channels, d), (None, None, None, 'embed'),
+        param_dtype)
+    self.patch_bias = layers.param(rngs, nnx.initializers.zeros_init(), (d,),
+                                   ('embed',), param_dtype)
+    num_tokens = num_patches + (1 if pool == 'tok' else 0)
+    self.pos_embedding = layers.param(
+        rngs, nnx.initializers.normal(stddev=0.02), (1, num_tokens, d),
+        (None, None, 'embed'), param_dtype)
+    self.cls_token = (layers.param(rngs, nnx.initializers.zeros_init(),
+                                   (1, 1, d), (None, None, 'embed'),
+                                   param_dtype) if pool == 'tok' else None)
+    moe_blocks = moe_block_indices(moe.layers if moe is not None else None,
+                                   size.depth)
+    self.moe_blocks = moe_blocks
+    blocks = []
+    for i in range(size.depth):
+      if i in moe_blocks:
+        from vmoe.nn import moe as moe_lib  # pylint: disable=g-import-not-at-top
+        mlp = moe_lib.MoeLayer(d, size.mlp_dim, config=moe,
+                               dropout_rate=dropout_rate, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+      else:
+        mlp = MlpBlock(d, size.mlp_dim, dropout_rate=dropout_rate, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+      # Stochastic depth rate grows linearly with depth (Huang et al. 2016).
+      rate = stochastic_depth * i / max(size.depth - 1, 1)
+      blocks.append(EncoderBlock(d, size.num_heads, mlp,
+                                 dropout_rate=dropout_rate, drop_path_rate=rate,
+                                 dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.encoder_norm = LayerNorm(d, dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+    head_init = (nnx.initializers.zeros_init() if head_zero_init
+                 else nnx.initializers.xavier_uniform())
+    self.head = Dense(d, num_classes, axes=('embed', 'vocab'),
+                      kernel_init=head_init, dtype=jnp.float32,
+                      param_dtype=param_dtype, rngs=rngs)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """images [b, H, W, C] -> patch tokens [b, n, d] (non-overlapping conv)."""
+    b, hgt, wid, c = images.shape
+    p = self.patch
+    dtype = self.dtype or jnp.float32
+    x = images.astype(dtype).reshape(b, hgt // p, p, wid // p, p, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (hgt // p) * (wid // p), -1)
+    kernel = self.patch_kernel[...].astype(dtype).reshape(p * p * c, -1)
+    return x @ kernel + self.patch_bias[...].astype(dtype)
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None):
+    x = self.embed(images)
+    if self.cls_token is not None:
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype),
+                             (x.shape[0], 1, x.shape[2]))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = x + self.pos_embedding[...].astype(x.dtype)
+    x = dropout(x, self.dropout_rate, train=train, rngs=rngs)
+    metrics = {AUX_LOSS_KEY: jnp.zeros((), jnp.float32)}
+    for i, block in enumerate(self.blocks):
+      x, block_metrics = block(x, train=train, rngs=rngs)
+      for name, value in block_metrics.items():
+        metrics[f'block_{i}/{name}'] = value
+        if name == AUX_LOSS_KEY:
+          metrics[AUX_LOSS_KEY] += value.astype(jnp.float32)
+    x = self.encoder_norm(x)
+    x = x[:, 0] if self.pool == 'tok' else jnp.mean(x, axis=1)
+    return self.head(x.astype(jnp.float32)), metrics
+
+
+def create_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
+                 image_size: int, num_channels: int,
+                 rngs: nnx.Rngs) -> VisionTransformer:
+  """Builds the model described by `config.model`."""
+  dtype = jnp.dtype(model_cfg.get('dtype', 'float32'))
+  return VisionTransformer(
+      num_classes=num_classes, image_size=image_size,
+      num_channels=num_channels, variant=model_cfg.variant,
+      pool=model_cfg.get('pool', 'tok'),
+      dropout_rate=model_cfg.get('dropout', 0.0),
+      stochastic_depth=model_cfg.get('stochastic_depth', 0.0),
+      moe=model_cfg.get('moe', None), dtype=dtype,
+      head_zero_init=model_cfg.get('head_zero_init', True), rngs=rngs)
+
+
+def num_tokens(model_cfg: ml_collections.ConfigDict, image_size: int) -> int:
+  """Tokens per image entering the encoder (patches + class token)."""
+  _, patch = parse_variant(model_cfg.variant)
+  cls = 1 if model_cfg.get('pool', 'tok') == 'tok' else 0
+  return (image_size // patch) ** 2 + cls
+
+
+def count_params(tree: Any) -> int:
+  """Total number of parameters (elements) of a pytree of arrays/shapes."""
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
