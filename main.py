@@ -6,6 +6,12 @@
 
 Running the same command again resumes from the latest checkpoint in workdir.
 Invalid configs and missing data are reported in one line before any work.
+
+Several processes (one per host, or several on one machine) form one job with
+`jax.distributed`: pass --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I to every process (or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed=auto on TPU pods and
+SLURM/Open MPI clusters, where JAX detects them itself.
 """
 
 import os
@@ -20,11 +26,62 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for checkpoints and metrics.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', None, ['auto', 'off'],
+    "'auto': call jax.distributed.initialize() with no arguments (TPU pods, "
+    "SLURM, Open MPI detect the job themselves); 'off': single process. "
+    'Default: initialise when --coordinator_address/--num_processes or the '
+    'JAX_COORDINATOR_ADDRESS environment variable is given.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'HOST:PORT of process 0 for jax.distributed (all processes pass the same).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes of the job (jax.distributed).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'Index of this process in [0, num_processes).')
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    'num_cpu_devices', None,
+    'Simulated CPU devices per process (testing multi-device code on CPU).')
 
 
 def _fail(message: str, code: int = 2) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(code)
+
+
+def _init_distributed() -> None:
+  """Starts jax.distributed when this process is part of a multi-process job.
+
+  Must run before anything queries devices. Errors are one line (exit 2).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if _NUM_CPU_DEVICES.value is not None:
+    if _NUM_CPU_DEVICES.value < 1:
+      _fail(f'--num_cpu_devices={_NUM_CPU_DEVICES.value} must be >= 1')
+    jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
+  mode = _DISTRIBUTED.value
+  explicit = {k: v for k, v in (
+      ('coordinator_address', _COORDINATOR.value),
+      ('num_processes', _NUM_PROCESSES.value),
+      ('process_id', _PROCESS_ID.value)) if v is not None}
+  if mode == 'off':
+    if explicit:
+      _fail(f'--distributed=off contradicts --{next(iter(explicit))}')
+    return
+  if mode is None and not explicit and not os.environ.get(
+      'JAX_COORDINATOR_ADDRESS'):
+    return
+  if mode is None:  # explicit flags and/or JAX_* environment variables
+    num = explicit.get('num_processes')
+    pid = explicit.get('process_id')
+    if num is not None and num < 1:
+      _fail(f'--num_processes={num} must be >= 1')
+    if pid is not None and num is not None and not 0 <= pid < num:
+      _fail(f'--process_id={pid} must be in [0, --num_processes={num})')
+  try:
+    jax.distributed.initialize(**explicit)
+  except (ValueError, RuntimeError) as e:
+    _fail(f'jax.distributed.initialize failed: {str(e).splitlines()[0]}')
 
 
 def main(argv):
@@ -36,7 +93,9 @@ def main(argv):
   # Heavy imports after flag parsing: `--help` and flag errors stay fast.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  _init_distributed()
   from vmoe.data.pipeline import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   from vmoe.train import trainer  # pylint: disable=g-import-not-at-top
   from vmoe.train.config_validation import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
 
@@ -61,6 +120,8 @@ def main(argv):
   except trainer.Preempted as e:
     print(f'stopped: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
+  if jax.process_index() != 0:
+    return
   print(f"done: step {result['step']}, eval accuracy {result['accuracy']:.4f},"
         f" eval loss {result['loss']:.4f}, {result['train_seconds']:.0f} s, "
         f'workdir {os.path.abspath(_WORKDIR.value)}')

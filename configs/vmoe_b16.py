@@ -9,8 +9,8 @@ at batch 4096 (`common.imagenet_recipe`).
   python main.py --config=configs/vmoe_b16.py --workdir=$WORKDIR \
       --config.dataset.data_dir=/path/to/tfds
 
-Cost: see `--config.dry_run=True` (~4x the dense B/16 parameters, ~1.1x its
-FLOPs at k=2).
+Cost (`--config.dry_run=True`): 285M parameters (115M active per token),
+48 GFLOPs per image (1.35x ViT-B/16: k=2 at capacity 1.05 in 6 of 12 MLPs).
 """
 
 from configs import common

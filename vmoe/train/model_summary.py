@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from vmoe.nn import moe as moe_lib
 from vmoe.nn import vit
 from vmoe.train import steps
 
@@ -28,19 +29,21 @@ def _num_classes(config) -> int:
     return 1000  # data not prepared here: count with an ImageNet-sized head
 
 
-def expert_params_per_token(config: ml_collections.ConfigDict) -> float:
-  """How many experts each token passes through on average (at eval)."""
-  moe = config.model.moe
-  if moe is None:
-    return 0.0
+def expert_applications_per_token(config: ml_collections.ConfigDict,
+                                  tokens_per_image: int) -> float:
+  """Expert MLP applications per token at eval (how many experts' weights a
+  token's computation touches on average): k for token choice, the capacity
+  factor for expert choice, slots / tokens for Soft MoE."""
+  moe = moe_lib.default_moe_config()
+  moe.update(dict(config.model.moe))
+  cf = moe.eval_capacity_factor or moe.capacity_factor
   if moe.router == 'token_choice':
     return float(moe.k)
   if moe.router == 'expert_choice':
-    return float(moe.eval_capacity_factor)
-  # Soft MoE: every slot is a weighted average of all tokens; per token the
-  # experts process (slots / tokens) slots.
-  slots = moe.num_experts * (moe.num_slots or 1)
-  return slots / moe.group_size
+    return float(cf)
+  group = moe.group_size or tokens_per_image
+  slots_per_expert = moe.num_slots or math.ceil(group * cf / moe.num_experts)
+  return moe.num_experts * slots_per_expert / group
 
 
 def summarize(config: ml_collections.ConfigDict) -> str:
@@ -56,15 +59,18 @@ def summarize(config: ml_collections.ConfigDict) -> str:
   total = sum(int(x.size) for _, x in flat)
   expert = sum(int(x.size) for path, x in flat
                if any(getattr(p, 'key', None) == 'experts' for p in path))
-  num_experts = config.model.moe.num_experts if config.model.moe else 1
-  active = total - expert + expert / num_experts * expert_params_per_token(config)
+  tokens = vit.num_tokens(config.model, size)
+  active = total
+  if config.model.moe is not None:
+    per_expert = expert / config.model.moe.num_experts
+    active = total - expert + per_expert * expert_applications_per_token(
+        config, tokens)
 
   model_fn = steps.ModelFn(abstract)
   moe = config.model.moe
   # Smallest batch whose tokens fill whole routing groups.
-  tokens = vit.num_tokens(config.model, size)
-  batch_size = (moe.group_size // math.gcd(moe.group_size, tokens)
-                if moe is not None else 1)
+  group = (moe.get('group_size') or tokens) if moe is not None else tokens
+  batch_size = group // math.gcd(group, tokens)
   images = jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32)
   lowered = jax.jit(lambda p, x: model_fn(p, x, train=False)[0]).lower(
       params, images)

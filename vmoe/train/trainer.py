@@ -96,22 +96,32 @@ class Experiment:
     self.tx = optimizer_lib.create_optimizer(config)
 
     abstract_state = jax.eval_shape(self._init_state)
-    self.state_sharding = sharding.state_shardings(self.mesh, abstract_state)
+    # Parameters (and their optimizer state) follow config.partitioning.
+    self.params_spec = sharding.param_specs(
+        abstract_model, config, dict(self.mesh.shape))
+    self.state_sharding = sharding.state_shardings(
+        self.mesh, abstract_state, self.params_spec)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, self.state_sharding)
+    if jax.process_index() == 0:
+      print(sharding.sharding_summary(self.abstract_state, self.state_sharding,
+                                      self.mesh), flush=True)
     self.init_state = jax.jit(self._init_state,
                               out_shardings=self.state_sharding)
     replicated = sharding.replicated(self.mesh)
+    # Traced under the mesh so MoE layers place their own all-to-alls; the
+    # outputs (metrics, eval sums) are replicated, i.e. reduced globally.
     self.train_step = jax.jit(
-        steps.make_train_step(self.model_fn, self.tx, seed=config.seed,
-                              label_smoothing=config.label_smoothing,
-                              learning_rate_fn=self.learning_rate_fn),
+        sharding.with_mesh(steps.make_train_step(
+            self.model_fn, self.tx, seed=config.seed,
+            label_smoothing=config.label_smoothing,
+            learning_rate_fn=self.learning_rate_fn), self.mesh),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated),
         donate_argnums=0)
     self.eval_step = jax.jit(
-        steps.make_eval_step(self.model_fn),
+        sharding.with_mesh(steps.make_eval_step(self.model_fn), self.mesh),
         in_shardings=(self.state_sharding['params'], self.batch_sharding),
         out_shardings=replicated)
 

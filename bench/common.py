@@ -1,0 +1,194 @@
+"""Shared helpers of the benchmarks: timing, matmul peak, machine info, output.
+
+Timing protocol: every program is jitted and warmed up, then all programs of a
+comparison are run round-robin (interleaved) and each is summarised by the
+median of its repeats, so that background load on the machine hits every
+variant alike. Compare ratios measured in one process, not absolute times
+across runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           'results')
+
+
+def block(x):
+  return jax.block_until_ready(x)
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
+                     warmup: int = 1, min_time: float = 0.0,
+                     reduce: Callable = statistics.median
+                     ) -> dict[str, float]:
+  """Median seconds per call of each callable, repeats interleaved.
+
+  Args:
+    calls: name -> zero-argument callable returning jax arrays.
+    repeats: timed rounds; each round calls every callable once.
+    warmup: untimed calls of each callable first (the first one compiles).
+    reduce: summary of the samples (median by default).
+    min_time: keep adding rounds until the slowest callable has this many
+      seconds of samples (more samples for fast programs on a noisy machine).
+  """
+  for f in calls.values():
+    for _ in range(warmup):
+      block(f())
+  times = {name: [] for name in calls}
+  rounds = 0
+  while True:
+    for name, f in calls.items():
+      t0 = time.perf_counter()
+      block(f())
+      times[name].append(time.perf_counter() - t0)
+    rounds += 1
+    if rounds >= repeats and (
+        min(sum(t) for t in times.values()) >= min_time or rounds >= 4 * repeats):
+      break
+  return {name: reduce(ts) for name, ts in times.items()}
+
+
+def compiled_temp_bytes(jitted, *args) -> int:
+  """Temp (scratch) bytes of the compiled program, from memory_analysis()."""
+  m = jitted.lower(*args).compile().memory_analysis()
+  return int(getattr(m, 'temp_size_in_bytes', 0)) if m is not None else 0
+
+
+def compiled_flops(jitted, *args) -> float:
+  """FLOPs of the compiled program according to XLA's cost_analysis()."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process so far (MB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def matmul_peak(n: int = 2048, repeats: int = 7) -> dict[str, float]:
+  """Measured matmul GFLOP/s: f32 and bf16 inputs (f32 accumulation).
+
+  Square n x n matmuls, jitted; the fastest of interleaved repeats (a peak,
+  so the best sample rather than the median, which background load would
+  drag down). The yardstick for achieved GFLOP/s and MFU of the run.
+  """
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32)
+  b = jax.random.normal(kb, (n, n), jnp.float32)
+  f32 = jax.jit(lambda a, b: a @ b)
+  bf16 = jax.jit(lambda a, b: jnp.matmul(a, b,
+                                         preferred_element_type=jnp.float32))
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  t = time_interleaved({'f32': lambda: f32(a, b),
+                        'bf16': lambda: bf16(a16, b16)}, repeats, warmup=2,
+                       reduce=min)
+  flops = 2.0 * n ** 3
+  return {k: flops / v / 1e9 for k, v in t.items()}
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_info(peak: dict[str, float] | None = None) -> dict[str, Any]:
+  """CPU model, cores, backend and versions (+ the measured matmul peak)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  info = {
+      'date': datetime.datetime.now(datetime.timezone.utc).strftime(
+          '%Y-%m-%d %H:%M UTC'),
+      'cpu': cpu_model(),
+      'cores': os.cpu_count(),
+      'backend': jax.default_backend(),
+      'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'jax': jax.__version__,
+      'flax': flax.__version__,
+      'python': platform.python_version(),
+  }
+  try:
+    info['load_avg_1m'] = round(os.getloadavg()[0], 2)
+  except OSError:
+    pass
+  if peak:
+    info.update({f'matmul_peak_{k}_gflops': round(v, 1)
+                 for k, v in peak.items()})
+  return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+  """One markdown line summarising `machine_info`."""
+  s = (f"Machine: {info['cpu']}, {info['cores']} cores, backend "
+       f"{info['backend']} ({info['devices']}), jax {info['jax']}, "
+       f"flax {info['flax']}, {info['date']}")
+  if 'matmul_peak_f32_gflops' in info:
+    s += (f"; measured matmul peak f32 {info['matmul_peak_f32_gflops']:.0f} "
+          f"GFLOP/s, bf16 {info['matmul_peak_bf16_gflops']:.0f} GFLOP/s")
+  if 'load_avg_1m' in info:
+    s += f"; load average at start {info['load_avg_1m']}"
+  return s + '.'
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str],
+                   headers: list[str] | None = None) -> str:
+  """rows (dicts) -> markdown table of `columns` (numbers right-aligned)."""
+  headers = headers or columns
+
+  def fmt(v):
+    if v is None or v == '':
+      return ''
+    if isinstance(v, float):
+      if v != v:  # nan
+        return '-'
+      return f'{v:.2f}' if abs(v) < 100 else f'{v:.0f}'
+    return str(v)
+
+  numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) in (None, '')
+                 for r in rows) for c in columns]
+  lines = ['| ' + ' | '.join(headers) + ' |',
+           '|' + '|'.join('---:' if n else '---' for n in numeric) + '|']
+  for r in rows:
+    lines.append('| ' + ' | '.join(fmt(r.get(c)) for c in columns) + ' |')
+  return '\n'.join(lines)
+
+
+def save_results(name: str, rows: list[dict[str, Any]], info: dict[str, Any],
+                 markdown: str, extra: dict[str, Any] | None = None,
+                 out_dir: str = RESULTS_DIR) -> dict[str, str]:
+  """Writes name.csv, name.json and name.md into out_dir; returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {ext: os.path.join(out_dir, f'{name}.{ext}')
+           for ext in ('csv', 'json', 'md')}
+  keys: list[str] = []
+  for r in rows:
+    keys += [k for k in r if k not in keys]
+  with open(paths['csv'], 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+  with open(paths['json'], 'w') as f:
+    json.dump({'machine': info, 'rows': rows, **(extra or {})}, f, indent=1,
+              default=str)
+  with open(paths['md'], 'w') as f:
+    f.write(markdown + '\n')
+  return paths

@@ -1,0 +1,199 @@
+"""End-to-end ViT / V-MoE / Soft MoE throughput and model FLOP utilisation.
+
+    python -m bench.model --quick     # 3 models, train step, batch 4
+    python -m bench.model             # train and inference steps
+
+Models (224 px, patch 16, class token: 197 tokens per image, 1000 classes):
+  ViT-S/16 dense; V-MoE-S/16 with 8 and 32 experts in every other block
+  (top-2 token choice, BPR, capacity factor 1.05, groups of 1 image, the
+  default 'indices' dispatch); Soft MoE-S/16 with 32 experts (full mode also 8)
+  in every other block, slots = tokens (7 slots per expert for 32 experts).
+
+The train step is the library's `vmoe.train.steps.make_train_step` (AdamW,
+router noise and auxiliary losses on), jitted with the state donated; the
+inference step is the forward pass. Steps of all models are interleaved and
+summarised by their medians.
+
+MFU = model FLOPs per second / f32 matmul peak measured in the same run. Model
+FLOPs are counted analytically as matmul FLOPs of the active path (patch
+embedding, attention projections and score/value products, MLP or active
+expert slots, router, head), x3 for a train step; Soft MoE's dispatch and
+combine contractions and routing are not counted (they are overhead).
+`xla GFLOP` is XLA's own `cost_analysis()` count of the compiled train step,
+for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from bench import common
+from vmoe.nn import moe as moe_lib
+from vmoe.nn import vit
+from vmoe.train import steps
+
+IMAGE, PATCH, CLASSES = 224, 16, 1000
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+  """ConfigDict for `vit.create_model` for the benchmarked model `name`."""
+  cfg = ml_collections.ConfigDict(dict(variant='S/16', pool='tok', moe=None,
+                                       dropout=0.0, dtype='float32'))
+  seq = (IMAGE // PATCH) ** 2 + 1
+  if name.startswith('V-MoE'):
+    e = int(name.split('E')[0].split()[-1])
+    cfg.moe = moe_lib.default_moe_config()
+    cfg.moe.update(dict(router='token_choice', num_experts=e, k=2,
+                        capacity_factor=1.05, batch_priority=True,
+                        group_size=seq))
+    cfg.moe.layers = 'every:2'
+  elif name.startswith('Soft MoE'):
+    e = int(name.split('E')[0].split()[-1])
+    cfg.moe = moe_lib.default_moe_config()
+    cfg.moe.update(dict(router='soft', num_experts=e, group_size=seq,
+                        capacity_factor=1.0, importance_loss_weight=0.0,
+                        load_loss_weight=0.0))
+    cfg.moe.layers = 'every:2'
+  return cfg
+
+
+def active_flops_per_image(model: vit.VisionTransformer) -> float:
+  """Forward matmul FLOPs per image on the active path (see module doc)."""
+  size, patch = vit.parse_variant('S/16')
+  d, h, depth = size.width, size.mlp_dim, size.depth
+  n = (IMAGE // patch) ** 2 + 1
+  fl = 2.0 * (n - 1) * patch * patch * 3 * d          # patch embedding
+  fl += depth * (8.0 * n * d * d + 4.0 * n * n * d)   # qkv + out, QK^T, AV
+  for i, block in enumerate(model.blocks):
+    mlp = block.mlp
+    if isinstance(mlp, moe_lib.MoeLayer):
+      s = mlp.group_size or n
+      e = mlp.num_experts
+      slots = n / s * e * mlp.capacity_for(s, True)
+      fl += 4.0 * slots * d * h + 2.0 * n * d * e     # experts + router
+    else:
+      fl += 4.0 * n * d * h
+    del i
+  return fl + 2.0 * d * CLASSES
+
+
+def build(name: str, batch: int):
+  """Returns (train_step, eval_step, state, batch, flops/image, xla flops)."""
+  cfg = model_config(name)
+  model = vit.create_model(cfg, num_classes=CLASSES, image_size=IMAGE,
+                           num_channels=3, rngs=nnx.Rngs(0))
+  flops = active_flops_per_image(model)
+  model_fn = steps.ModelFn(nnx.eval_shape(
+      lambda: vit.create_model(cfg, num_classes=CLASSES, image_size=IMAGE,
+                               num_channels=3, rngs=nnx.Rngs(0))))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  del model
+  tx = optax.adamw(1e-4, weight_decay=1e-4)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+           'opt_state': tx.init(params),
+           'nonfinite_step': jnp.full((), -1, jnp.int32)}
+  key = jax.random.key(0)
+  data = {'image': jax.random.normal(key, (batch, IMAGE, IMAGE, 3)),
+          'labels': jax.nn.one_hot(jnp.arange(batch) % CLASSES, CLASSES)}
+  train = jax.jit(steps.make_train_step(model_fn, tx, seed=0,
+                                        label_smoothing=0.0,
+                                        learning_rate_fn=lambda s: 1e-4),
+                  donate_argnums=0)
+  compiled = train.lower(state, data).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  xla_flops = float((cost or {}).get('flops', float('nan')))
+  infer = jax.jit(lambda p, x: model_fn(p, x, train=False)[0])
+  return compiled, infer, state, data, flops, xla_flops
+
+
+def run(quick: bool, repeats: int | None = None, peak: dict | None = None,
+        batch: int | None = None):
+  peak = peak or common.matmul_peak()
+  info = common.machine_info(peak)
+  batch = batch or (4 if quick else 8)
+  reps = repeats or (3 if quick else 5)
+  names = ['ViT-S/16 dense', 'V-MoE-S/16 8E', 'V-MoE-S/16 32E',
+           'Soft MoE-S/16 8E', 'Soft MoE-S/16 32E']
+  if quick:  # compilation dominates: three models
+    names = [names[0], names[2], names[4]]
+  t0 = time.perf_counter()
+  states, train_calls, infer_calls, meta = {}, {}, {}, {}
+  for name in names:
+    train, infer, state, data, flops, xla_flops = build(name, batch)
+    states[name] = state
+    meta[name] = dict(flops=flops, xla_flops=xla_flops,
+                      params=sum(x.size for x in
+                                 jax.tree.leaves(state['params'])))
+
+    def train_call(name=name, train=train, data=data):
+      # The state is donated: keep the new one for the next call.
+      states[name], metrics = train(states[name], data)
+      return metrics['loss']
+
+    train_calls[name] = train_call
+    if not quick:
+      infer_calls[name] = (lambda infer=infer, name=name, data=data:
+                           infer(states[name]['params'], data['image']))
+  print(f'  [model: compiled {len(names)} train steps in '
+        f'{time.perf_counter() - t0:.0f} s]', flush=True)
+  t_train = common.time_interleaved(train_calls, reps, warmup=1)
+  t_infer = (common.time_interleaved(infer_calls, reps, warmup=1)
+             if infer_calls else {})
+  print(f'  [model: {time.perf_counter() - t0:.0f} s, peak RSS '
+        f'{common.peak_rss_mb():.0f} MB]', flush=True)
+
+  rows = []
+  dense = names[0]
+  for name in names:
+    m = meta[name]
+    tt = t_train[name]
+    row = dict(model=name, params_m=m['params'] / 1e6, batch=batch,
+               train_step_ms=tt * 1e3, train_img_s=batch / tt,
+               train_vs_dense=t_train[dense] / tt,
+               active_gflop_img=m['flops'] / 1e9,
+               mfu_pct=100 * 3 * m['flops'] * batch / tt / 1e9 / peak['f32'],
+               xla_train_gflop=m['xla_flops'] / 1e9)
+    if name in t_infer:
+      ti = t_infer[name]
+      row.update(infer_img_s=batch / ti,
+                 infer_vs_dense=t_infer[dense] / ti,
+                 infer_mfu_pct=100 * m['flops'] * batch / ti / 1e9
+                 / peak['f32'])
+    rows.append(row)
+  cols = ['model', 'params_m', 'batch', 'active_gflop_img', 'train_step_ms',
+          'train_img_s', 'train_vs_dense', 'mfu_pct']
+  heads = ['model', 'params (M)', 'batch', 'active GFLOP/img (fwd)',
+           'train step ms', 'train img/s', 'train vs dense', 'train MFU %']
+  if t_infer:
+    cols += ['infer_img_s', 'infer_vs_dense', 'infer_mfu_pct']
+    heads += ['infer img/s', 'infer vs dense', 'infer MFU %']
+  md = '\n'.join([
+      f'### End-to-end model throughput ({"quick" if quick else "full"})', '',
+      common.machine_line(info), '',
+      common.markdown_table(rows, cols, heads), '',
+      'MFU = 3 x active forward FLOPs x images/s / measured f32 matmul peak '
+      '(train); 1 x for inference.'])
+  common.save_results('model_quick' if quick else 'model', rows, info, md)
+  return md, rows, info
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--repeats', type=int, default=None)
+  parser.add_argument('--batch', type=int, default=None)
+  args = parser.parse_args()
+  print(run(args.quick, args.repeats, batch=args.batch)[0])
+
+
+if __name__ == '__main__':
+  main()

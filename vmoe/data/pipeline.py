@@ -1,0 +1,576 @@
+"""tf.data input pipeline for TFDS image classification datasets.
+
+One code path serves the embedded `digits` dataset (`vmoe.data.digits`, built on
+first use from data shipped with scikit-learn) and any prepared TFDS dataset
+(`cifar10`, `imagenet2012`, `imagenet21k`, `oxford_iiit_pet`, ...) read from a
+user-supplied `data_dir`. Nothing here ever touches the network unless
+`config.dataset.download=True`.
+
+Training stream (per process; b = local batch size = batch_size // process_count):
+
+  raw records of this process's share of the split (files in stored order,
+  images left encoded)
+    -> cache (optional)
+    -> per epoch e: shuffle with a seed derived from (seed, process, e)
+       and number the records: position = e * n + i  (n = records in the share)
+    -> skip to position start_step * b (whole epochs are jumped over for free,
+       only records within the current epoch are read and dropped; nothing
+       skipped is decoded)
+    -> decode + augment, random ops stateless and seeded by (seed, process,
+       position)
+    -> batch(b) -> mixup (stateless, seeded by (seed, process, batch index))
+    -> prefetch
+
+so the batch stream is a function of (config, process_index, process_count)
+only, and `train_iterator(config, start_step=n)` yields bit-identical batches to
+the n-th batch onwards of a fresh iterator. Changing `process_count` or the
+dataset changes the stream.
+
+Batch dict shapes (b: local batch, H = W = config.preprocess.image_size,
+C = config.preprocess.num_channels, K = number of classes):
+  train: {'image': float32 [b, H, W, C], 'labels': float32 [b, K]}
+  eval:  {'image': float32 [b, H, W, C], 'label': int32 [b], 'mask': float32 [b]}
+
+Config fields read: seed, batch_size, eval_batch_size (global sizes);
+dataset.{name, data_dir, train_split, eval_split, download, cache,
+shuffle_buffer, image_key, label_key}; preprocess.{image_size, num_channels,
+train_crop ('random_resized' | 'pad_random_crop' | 'resize'), crop_scale,
+crop_padding, flip, value_range, mixup_alpha, resize_method} and, optional:
+preprocess.crop_ratio (aspect-ratio range of 'random_resized', default
+(3/4, 4/3)), preprocess.eval_crop_fraction (eval: resize the short side to
+image_size / fraction, then central crop; default 1.0), preprocess.antialias
+(default False).
+"""
+
+import contextlib
+import io
+import math
+import os
+from typing import Iterator
+
+# Keep TensorFlow quiet and off accelerators; must happen before TF is imported.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+try:  # The input pipeline runs on the host CPU; JAX owns any accelerator.
+  tf.config.set_visible_devices([], 'GPU')
+  tf.config.set_visible_devices([], 'TPU')
+except (RuntimeError, ValueError):  # Devices already initialised / no TPU type.
+  pass
+tf.get_logger().setLevel('ERROR')
+
+EMBEDDED_DATASETS = ('digits',)
+TRAIN_CROPS = ('random_resized', 'pad_random_crop', 'resize')
+RESIZE_METHODS = ('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3',
+                  'lanczos5', 'gaussian', 'mitchellcubic')
+
+# Stream tags folded into the seed so the shuffle, augmentation and mixup
+# random streams are independent of each other.
+_SHUFFLE, _AUGMENT, _MIXUP = 0, 1, 2
+
+_BUILDERS: dict[tuple[str, str | None], tfds.core.DatasetBuilder] = {}
+
+
+class DatasetNotFoundError(ValueError):
+  """A dataset is unknown or not prepared in `data_dir` (one-line message)."""
+
+
+# ------------------------------------------------------------------ datasets --
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Silences TFDS prints, progress bars and absl warnings inside the block."""
+  verbosity = absl_logging.get_verbosity()
+  progress = getattr(tfds.core.utils.tqdm_utils, '_active', True)
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(progress)
+    absl_logging.set_verbosity(verbosity)
+
+
+def _is_prepared(builder) -> bool:
+  with _quiet():  # TFDS warns about every missing dataset_info.json.
+    return builder.is_prepared()
+
+
+def _data_dir(dataset_cfg) -> str | None:
+  data_dir = dataset_cfg.get('data_dir', None)
+  return os.path.expanduser(data_dir) if data_dir else None
+
+
+def _base_name(name: str) -> str:
+  """'digits:1.0.0' -> 'digits', 'cifar10/config' -> 'cifar10'."""
+  return name.split(':')[0].split('/')[0]
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f'{type(e).__name__}: {lines[0] if lines else ""}'
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str | None, name: str):
+  """Serialises the first build of an embedded dataset between processes."""
+  if not data_dir or '://' in data_dir:
+    yield
+    return
+  import fcntl  # pylint: disable=g-import-not-at-top
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f'.{name}.build.lock'), 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_dataset(dataset_cfg) -> tfds.core.DatasetBuilder:
+  """Returns the prepared TFDS builder for `dataset_cfg.name` in its data_dir.
+
+  The embedded `digits` is built on first use (no network, a few seconds).
+  Any other dataset must already be prepared in `dataset_cfg.data_dir` unless
+  `dataset_cfg.download` is True; otherwise this fails at once.
+
+  Raises:
+    DatasetNotFoundError: unknown name, or not prepared and download is off.
+  """
+  name = dataset_cfg.name
+  data_dir = _data_dir(dataset_cfg)
+  key = (name, data_dir)
+  if key in _BUILDERS:
+    return _BUILDERS[key]
+  embedded = _base_name(name) in EMBEDDED_DATASETS
+  if embedded:
+    from vmoe.data import digits  # pylint: disable=g-import-not-at-top,unused-import
+  try:
+    with _quiet():
+      builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetNotFoundError(
+        f'Cannot load dataset config.dataset.name={name!r} (neither a known '
+        f'TFDS builder nor prepared in data_dir={data_dir!r}): '
+        f'{_first_line(e)}') from None
+  if not _is_prepared(builder):
+    if embedded:
+      with _build_lock(data_dir, _base_name(name)):
+        with _quiet():
+          builder = tfds.builder(name, data_dir=data_dir)
+        if not _is_prepared(builder):
+          absl_logging.info('Preparing %s into %s', name, builder.data_dir)
+          with _quiet():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    try_download_gcs=False))
+    elif dataset_cfg.get('download', False):
+      absl_logging.info('Downloading and preparing %s into %s', name,
+                   builder.data_dir)
+      builder.download_and_prepare()
+    else:
+      shown_dir = data_dir or os.fspath(builder.data_dir_root)
+      manual = ''
+      if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+        manual = (f' (it needs source files placed by hand in '
+                  f'{os.path.join(shown_dir, "downloads", "manual")}, see its '
+                  f'TFDS catalog page)')
+      raise DatasetNotFoundError(
+          f'Dataset {name!r} is not prepared in data_dir={shown_dir!r} '
+          f'(looked for {builder.data_dir}); prepare it with '
+          f'`tfds build {name} --data_dir={shown_dir}`{manual} or set '
+          f'--config.dataset.download=True to let TFDS download it.')
+  _BUILDERS[key] = builder
+  return builder
+
+
+def _split_info(builder, split, field: str):
+  try:
+    return builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(
+        f'Bad {field}={split!r} for dataset {builder.info.name!r} (splits: '
+        f'{", ".join(builder.info.splits.keys())}): {_first_line(e)}') from None
+
+
+def num_examples(dataset_cfg, split: str) -> int:
+  """Number of examples in `split` (any TFDS split expression, e.g. 'train[:90%]')."""
+  builder = prepare_dataset(dataset_cfg)
+  return _split_info(builder, split, 'split').num_examples
+
+
+def num_classes(dataset_cfg) -> int:
+  """Number of classes K of the ClassLabel feature `dataset_cfg.label_key`."""
+  builder = prepare_dataset(dataset_cfg)
+  label_key = dataset_cfg.get('label_key', 'label')
+  features = builder.info.features
+  feature = features[label_key] if label_key in features.keys() else None
+  if not isinstance(feature, tfds.features.ClassLabel):
+    raise ValueError(
+        f'config.dataset.label_key={label_key!r} is not a ClassLabel feature '
+        f'of {builder.info.name!r} (features: '
+        f'{", ".join(builder.info.features.keys())})')
+  return feature.num_classes
+
+
+# ---------------------------------------------------------------- validation --
+
+
+def _local_batch(global_batch: int, process_count: int, field: str) -> int:
+  if not isinstance(global_batch, int) or global_batch <= 0:
+    raise ValueError(f'{field}={global_batch!r} must be a positive integer')
+  if global_batch % process_count:
+    raise ValueError(f'{field}={global_batch} is not divisible by the number '
+                     f'of processes ({process_count})')
+  return global_batch // process_count
+
+
+def _check_process(process_index: int, process_count: int):
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in '
+                     f'[0, process_count={process_count})')
+
+
+def _check_preprocess(pp):
+  """Validates config.preprocess before any work (one-line errors)."""
+  size = pp.image_size
+  if not isinstance(size, int) or size <= 0:
+    raise ValueError(
+        f'config.preprocess.image_size={size!r} must be a positive integer')
+  if pp.num_channels not in (1, 3):
+    raise ValueError(
+        f'config.preprocess.num_channels={pp.num_channels!r} must be 1 or 3')
+  if pp.train_crop not in TRAIN_CROPS:
+    raise ValueError(f'config.preprocess.train_crop={pp.train_crop!r} must be '
+                     f'one of {TRAIN_CROPS}')
+  if pp.get('resize_method', 'bilinear') not in RESIZE_METHODS:
+    raise ValueError(
+        f'config.preprocess.resize_method={pp.get("resize_method")!r} must be '
+        f'one of {RESIZE_METHODS}')
+  lo_hi = tuple(pp.value_range)
+  if len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
+    raise ValueError(
+        f'config.preprocess.value_range={pp.value_range!r} must be (lo, hi) '
+        f'with lo < hi')
+  if pp.get('mixup_alpha', 0.0) < 0:
+    raise ValueError(
+        f'config.preprocess.mixup_alpha={pp.mixup_alpha!r} must be >= 0')
+  if pp.train_crop == 'random_resized':
+    lo, hi = pp.get('crop_scale', (0.08, 1.0))
+    if not 0 < lo <= hi <= 1:
+      raise ValueError(f'config.preprocess.crop_scale={pp.crop_scale!r} must '
+                       f'satisfy 0 < lo <= hi <= 1')
+  if pp.train_crop == 'pad_random_crop' and pp.get('crop_padding', 0) < 0:
+    raise ValueError(
+        f'config.preprocess.crop_padding={pp.crop_padding!r} must be >= 0')
+  frac = pp.get('eval_crop_fraction', 1.0)
+  if not 0 < frac <= 1:
+    raise ValueError(
+        f'config.preprocess.eval_crop_fraction={frac!r} must be in (0, 1]')
+
+
+# ------------------------------------------------------------- preprocessing --
+
+
+def _image_feature(builder, image_key: str):
+  features = builder.info.features
+  if image_key not in features.keys():
+    raise ValueError(
+        f'config.dataset.image_key={image_key!r} is not a feature of '
+        f'{builder.info.name!r} (features: {", ".join(features.keys())})')
+  return features[image_key]
+
+
+def _read_split(builder, split, dataset_cfg):
+  """Raw records {image_key: encoded bytes or uint8 image, label_key: int}.
+
+  Files are read in a fixed order (no seeded file shuffling: TF's global seed
+  would leak into it). Only the image and label features are parsed; images
+  stay encoded so that records skipped on resume are never decoded.
+  """
+  image_key = dataset_cfg.get('image_key', 'image')
+  label_key = dataset_cfg.get('label_key', 'label')
+  feature = _image_feature(builder, image_key)
+  decoders = None
+  if isinstance(feature, tfds.features.Image):
+    decoders = {image_key: tfds.decode.SkipDecoding()}
+  read_config = tfds.ReadConfig(
+      try_autocache=False,  # Caching is config.dataset.cache's decision.
+      skip_prefetch=True,
+  )
+  with _quiet():
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=False,
+        decoders=tfds.decode.PartialDecoding(
+            {image_key: True, label_key: True}, decoders=decoders),
+        read_config=read_config)
+  return ds.map(lambda x: {'image': x[image_key], 'label': x[label_key]},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _decode(image, num_channels: int) -> tf.Tensor:
+  """Encoded bytes or uint8 [h, w, c] -> uint8 [h, w, num_channels]."""
+  if image.dtype == tf.string:
+    # The decoders convert grayscale <-> RGB themselves when asked for channels.
+    image = tf.io.decode_image(image, channels=num_channels,
+                               expand_animations=False, dtype=tf.uint8)
+  else:
+    image = tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
+    if image.shape[-1] != num_channels:
+      if image.shape[-1] == 1:
+        image = tf.tile(image, [1, 1, num_channels])
+      else:
+        image = tf.cast(tf.round(tf.image.rgb_to_grayscale(
+            tf.cast(image[..., :3], tf.float32))), tf.uint8)
+  image.set_shape([None, None, num_channels])
+  return image
+
+
+def _resize(image, size, pp) -> tf.Tensor:
+  """Any [h, w, c] -> float32 [size[0], size[1], c] in pixel units.
+
+  `preprocess.antialias` (default False, like tf.image.resize) only matters
+  when shrinking; it costs about 2.5x per resize.
+  """
+  image = tf.image.resize(tf.cast(image, tf.float32), size,
+                          method=pp.get('resize_method', 'bilinear'),
+                          antialias=bool(pp.get('antialias', False)))
+  return tf.clip_by_value(image, 0.0, 255.0)  # Cubic kernels overshoot.
+
+
+def _normalise(image, value_range) -> tf.Tensor:
+  lo, hi = (float(v) for v in value_range)
+  return tf.cast(image, tf.float32) * ((hi - lo) / 255.0) + lo
+
+
+def _train_image(image, key, pp) -> tf.Tensor:
+  """uint8 [h, w, c] -> augmented float32 [S, S, c] (stateless, seeded by key)."""
+  size = pp.image_size
+  crop_key, flip_key = tf.unstack(
+      tf.random.experimental.stateless_split(key, 2))
+  if pp.train_crop == 'random_resized':
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+        seed=crop_key,
+        min_object_covered=0.0,
+        aspect_ratio_range=tuple(pp.get('crop_ratio', (3 / 4, 4 / 3))),
+        area_range=tuple(pp.get('crop_scale', (0.08, 1.0))),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    image = _resize(tf.slice(image, begin, crop_size), [size, size], pp)
+  elif pp.train_crop == 'pad_random_crop':
+    pad = pp.get('crop_padding', 4)
+    image = _resize(image, [size, size], pp)
+    image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])  # Black border.
+    image = tf.image.stateless_random_crop(
+        image, [size, size, pp.num_channels], seed=crop_key)
+  else:  # 'resize'
+    image = _resize(image, [size, size], pp)
+  if pp.get('flip', False):
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+  return image
+
+
+def _eval_image(image, pp) -> tf.Tensor:
+  """uint8 [h, w, c] -> float32 [S, S, c]: resize the short side, central crop.
+
+  The short side goes to ceil(S / eval_crop_fraction) (default fraction 1:
+  square images are just resized to S x S).
+  """
+  size = pp.image_size
+  frac = pp.get('eval_crop_fraction', 1.0)
+  target = math.ceil(size / frac)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = target / tf.reduce_min(shape)
+  new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+  image = _resize(image, new, pp)
+  top = (new[0] - size) // 2
+  left = (new[1] - size) // 2
+  return tf.ensure_shape(image[top:top + size, left:left + size],
+                         [size, size, pp.num_channels])
+
+
+def _mixup(batch, key, alpha: float):
+  """Mixes each example with its neighbour: x' = lam x + (1 - lam) roll(x).
+
+  One lam ~ Beta(alpha, alpha) per batch (stateless, from key). Labels are
+  probability vectors [b, K], so mixed labels still sum to 1.
+  """
+  k1, k2 = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  g1 = tf.random.stateless_gamma([], seed=k1, alpha=alpha)
+  g2 = tf.random.stateless_gamma([], seed=k2, alpha=alpha)
+  lam = tf.math.divide_no_nan(g1, g1 + g2)  # Tiny alpha: both may underflow.
+  mix = lambda x: lam * x + (1.0 - lam) * tf.roll(x, shift=1, axis=0)
+  return dict(batch, image=mix(batch['image']), labels=mix(batch['labels']))
+
+
+def _base_key(seed: int, process_index: int, tag: int) -> tf.Tensor:
+  key = tf.constant([seed, process_index], tf.int64)
+  return tf.random.experimental.stateless_fold_in(key, tag)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel maps keep their input order.
+  options.threading.max_intra_op_parallelism = 1
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def _as_numpy(ds) -> Iterator[dict[str, np.ndarray]]:
+  for batch in ds.as_numpy_iterator():
+    yield batch
+
+
+# ----------------------------------------------------------------- iterators --
+
+
+def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite iterator over this process's training batches from `start_step`.
+
+  Yields {'image': float32 [b, S, S, C] in config.preprocess.value_range,
+  'labels': float32 [b, K] one-hot (mixed up if mixup_alpha > 0)} with
+  b = config.batch_size // process_count. The stream is a deterministic
+  function of the config (seed, data, preprocessing) and process index/count;
+  starting at `start_step` = n gives exactly batches n, n+1, ... of the stream.
+  """
+  _check_process(process_index, process_count)
+  b = _local_batch(config.batch_size, process_count, 'config.batch_size')
+  if not isinstance(start_step, int) or start_step < 0:
+    raise ValueError(f'start_step={start_step!r} must be a non-negative int')
+  dcfg, pp = config.dataset, config.preprocess
+  _check_preprocess(pp)
+  seed = int(config.seed)
+  builder = prepare_dataset(dcfg)
+  k = num_classes(dcfg)
+  split = tfds.split_for_jax_process(
+      dcfg.train_split, process_index=process_index,
+      process_count=process_count)
+  n = _split_info(builder, split, 'config.dataset.train_split').num_examples
+  if n == 0:
+    raise ValueError(f'config.dataset.train_split={dcfg.train_split!r} has no '
+                     f'examples for process {process_index}/{process_count}')
+
+  # Files are read in their stored order (TFDS already wrote the examples in a
+  # hashed, class-mixed order); the randomness is the per-epoch shuffle below.
+  records = _read_split(builder, split, dcfg)
+  if dcfg.get('cache', False):
+    records = records.cache()
+  buffer = max(1, min(int(dcfg.get('shuffle_buffer', 10_000)), n))
+  shuffle_key = _base_key(seed, process_index, _SHUFFLE)
+
+  def epoch(e):
+    """Records of epoch e, shuffled with a seed that depends on e only."""
+    # Keep TF's global seed (if anyone set it) out of the shuffle's seeds; this
+    # only affects the graph of this function.
+    tf.compat.v1.set_random_seed(None)
+    shuffle_seed = tf.random.stateless_uniform(
+        [], seed=tf.random.experimental.stateless_fold_in(shuffle_key, e),
+        minval=0, maxval=2**31 - 1, dtype=tf.int64)
+    shuffled = records.shuffle(buffer, seed=shuffle_seed,
+                               reshuffle_each_iteration=False)
+    positions = tf.data.Dataset.range(e * n, (e + 1) * n)
+    return tf.data.Dataset.zip(positions, shuffled)
+
+  first_epoch, offset = divmod(start_step * b, n)
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+
+  augment_key = _base_key(seed, process_index, _AUGMENT)
+
+  def preprocess(position, record):
+    key = tf.random.experimental.stateless_fold_in(augment_key, position)
+    image = _train_image(_decode(record['image'], pp.num_channels), key, pp)
+    return {
+        'image': _normalise(image, pp.value_range),
+        'labels': tf.one_hot(record['label'], k, dtype=tf.float32),
+        'position': position,
+    }
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(b, drop_remainder=True)
+
+  alpha = float(pp.get('mixup_alpha', 0.0))
+  mixup_key = _base_key(seed, process_index, _MIXUP)
+
+  def finish(batch):
+    position = batch.pop('position')
+    if alpha > 0:
+      key = tf.random.experimental.stateless_fold_in(mixup_key,
+                                                     position[0] // b)
+      batch = _mixup(batch, key, alpha)
+    return batch
+
+  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _as_numpy(ds)
+
+
+def _eval_shares(builder, split, process_count: int):
+  shares = tfds.even_splits(split, n=process_count)
+  sizes = [_split_info(builder, s, 'config.dataset.eval_split').num_examples
+           for s in shares]
+  return shares, sizes
+
+
+def num_eval_batches(config, *, process_count: int = 1) -> int:
+  """Batches per process of `eval_iterator` (the same on every process)."""
+  b = _local_batch(config.eval_batch_size, process_count,
+                   'config.eval_batch_size')
+  builder = prepare_dataset(config.dataset)
+  _, sizes = _eval_shares(builder, config.dataset.eval_split, process_count)
+  return max(1, -(-max(sizes) // b))
+
+
+def eval_iterator(config, *, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over this process's share of config.dataset.eval_split.
+
+  Yields {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': float32
+  [b]} with b = config.eval_batch_size // process_count, in a fixed order.
+  Padding examples (mask 0, zero image, label 0) fill the last batch, and every
+  process yields the same number of batches (`num_eval_batches`) so that
+  collective evaluation steps stay in lockstep; each real example appears
+  exactly once across all processes.
+  """
+  _check_process(process_index, process_count)
+  b = _local_batch(config.eval_batch_size, process_count,
+                   'config.eval_batch_size')
+  dcfg, pp = config.dataset, config.preprocess
+  _check_preprocess(pp)
+  builder = prepare_dataset(dcfg)
+  shares, sizes = _eval_shares(builder, dcfg.eval_split, process_count)
+  steps = max(1, -(-max(sizes) // b))
+  num_pad = steps * b - sizes[process_index]
+
+  def preprocess(record):
+    image = _eval_image(_decode(record['image'], pp.num_channels), pp)
+    return {
+        'image': _normalise(image, pp.value_range),
+        'label': tf.cast(record['label'], tf.int32),
+        'mask': tf.constant(1.0, tf.float32),
+    }
+
+  ds = _read_split(builder, shares[process_index], dcfg)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  s, c = pp.image_size, pp.num_channels
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([s, s, c], tf.float32),
+      'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(0.0, tf.float32),
+  }).repeat(num_pad)
+  ds = ds.concatenate(padding).batch(b, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _as_numpy(ds)
+

@@ -1,0 +1,348 @@
+"""Moving tokens to expert buffers and back, for any routing decision.
+
+Strategies (identical results for the same decision, up to float rounding):
+
+  * 'einsum': the GShard / V-MoE one-hot contractions with the dense
+    [g, s, e, c] dispatch and combine tensors. O(g*s*e*c*d) time and
+    O(g*s*e*c) memory; the reference for tests.
+  * 'indices' (CPU default): moves rows by index, never building a
+    [g, s, e, c] tensor; time and memory are O((g*s*k + g*e*c) * d).
+    Token choice uses an inverse map (the pair filling each slot) so that
+    dispatch, combine and both their gradients are row gathers (scatter-adds,
+    what autodiff of a gather gives, are slower on CPU). Expert choice gathers
+    into the buffers and scatter-adds back (a token may sit in several
+    buffers). Soft MoE uses two softmax-weighted contractions whose backward
+    recomputes the weights from the logits, so the only [g, s, n] tensor kept
+    for the backward pass is the logits.
+  * 'dropless': (token, choice) pairs sorted by expert and fed to grouped
+    matmuls (`jax.lax.ragged_dot`), no [g, e, c, d] buffers. Slow on CPU, where
+    ragged_dot costs time proportional to the number of experts.
+
+Axis letters: g groups, s tokens per group, e experts, c capacity, d model
+dim, k choices per token, n = e * c slots, m = number of (token, choice) pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vmoe.nn import routing as rt
+
+Array = jax.Array
+METHODS = ('indices', 'einsum', 'dropless')
+
+# expert_fn: [g, e, c, d] -> [g, e, c, d].
+ExpertFn = Callable[[Array], Array]
+# ragged_fn: (x_sorted [m, d], group_sizes [e], expert_id [m]) -> [m, d].
+RaggedFn = Callable[[Array, Array, Array], Array]
+
+
+def _check_method(method: str):
+  if method not in METHODS:
+    raise ValueError(f'dispatch method {method!r} is not one of {METHODS}')
+
+
+def _group_offsets(g: int, stride: int) -> Array:
+  """[g, 1, 1] offsets g_i * stride, to turn per-group into global indices."""
+  return (jnp.arange(g, dtype=jnp.int32) * stride)[:, None, None]
+
+
+# ----------------------------------------------------------------------------
+# Token choice index maps.
+# ----------------------------------------------------------------------------
+
+
+def token_choice_slot_of_pair(r: rt.TokenChoiceRouting) -> Array:
+  """[g, s, k] flat slot e_i * c + position of each pair; e * c if dropped."""
+  e, c = r.num_experts, r.capacity
+  return jnp.where(r.valid, r.expert_index * c + r.position, e * c)
+
+
+def token_choice_pair_of_slot(r: rt.TokenChoiceRouting) -> Array:
+  """[g, e, c] pair (token * k + choice, within the group) filling each slot.
+
+  s * k marks an empty slot. The inverse of `token_choice_slot_of_pair`, built
+  with one small scatter of int32 ids (kept pairs have distinct slots).
+  """
+  g, s, k = r.expert_index.shape
+  e, c = r.num_experts, r.capacity
+  slot = token_choice_slot_of_pair(r).reshape(g, s * k)
+  pair = jnp.broadcast_to(jnp.arange(s * k, dtype=jnp.int32), (g, s * k))
+  gi = jnp.arange(g)[:, None]
+  out = jnp.full((g, e * c), s * k, jnp.int32)
+  out = out.at[gi, slot].set(pair, mode='drop')
+  return out.reshape(g, e, c)
+
+
+def _gather_rows(table: Array, index: Array) -> Array:
+  """table[index] for a 2-D table; out-of-range indices give zero rows."""
+  return table.at[index].get(mode='fill', fill_value=0)
+
+
+class _TokenChoiceMaps(NamedTuple):
+  """Global row indices between tokens [g*s], pairs [g*s*k], slots [g*e*c].
+
+  Out-of-range values (the table size) mark empty slots / dropped pairs; the
+  gathers return zero rows for them.
+  """
+  pair_slot: Array   # [g, s, k] slot row of each pair
+  slot_token: Array  # [g, e, c] token row in each slot
+  slot_pair: Array   # [g, e, c] pair row in each slot
+
+  @classmethod
+  def build(cls, r: rt.TokenChoiceRouting) -> '_TokenChoiceMaps':
+    g, s, k = r.expert_index.shape
+    n = r.num_experts * r.capacity
+    slot = token_choice_slot_of_pair(r)
+    pair_slot = jnp.where(r.valid, slot + _group_offsets(g, n), g * n)
+    pair = token_choice_pair_of_slot(r)
+    full = pair < s * k
+    slot_pair = jnp.where(full, pair + _group_offsets(g, s * k), g * s * k)
+    slot_token = jnp.where(full, pair // k + _group_offsets(g, s), g * s)
+    return cls(pair_slot, slot_token, slot_pair)
+
+
+# Token choice dispatch and combine are gathers in both directions: each
+# backward is the gather through the inverse map (instead of the scatter-add
+# that autodiff of a gather would produce, which is slow on CPU).
+
+
+@jax.custom_vjp
+def _tc_dispatch(x: Array, slot_token: Array, pair_slot: Array) -> Array:
+  """x [g*s, d] -> buffers [g, e, c, d]."""
+  return _gather_rows(x, slot_token)
+
+
+def _tc_dispatch_fwd(x, slot_token, pair_slot):
+  return _tc_dispatch(x, slot_token, pair_slot), (pair_slot, slot_token)
+
+
+def _tc_dispatch_bwd(res, dbuffers):
+  pair_slot, slot_token = res
+  g, s, k = pair_slot.shape
+  d = dbuffers.shape[-1]
+  dx = _gather_rows(dbuffers.reshape(-1, d), pair_slot)  # [g, s, k, d]
+  dx = dx[:, :, 0] if k == 1 else jnp.sum(dx, axis=2)
+  return dx.reshape(g * s, d), None, None
+
+
+_tc_dispatch.defvjp(_tc_dispatch_fwd, _tc_dispatch_bwd)
+
+
+@jax.custom_vjp
+def _tc_combine(outputs: Array, weight: Array, pair_slot: Array,
+                slot_token: Array, slot_pair: Array) -> Array:
+  """outputs [g*e*c, d], weight [g, s, k] -> y [g, s, d]."""
+  picked = _gather_rows(outputs, pair_slot)  # [g, s, k, d]
+  return jnp.einsum('gskd,gsk->gsd', picked, weight)
+
+
+def _tc_combine_fwd(outputs, weight, pair_slot, slot_token, slot_pair):
+  y = _tc_combine(outputs, weight, pair_slot, slot_token, slot_pair)
+  return y, (outputs, weight, pair_slot, slot_token, slot_pair)
+
+
+def _tc_combine_bwd(res, dy):
+  outputs, weight, pair_slot, slot_token, slot_pair = res
+  d = dy.shape[-1]
+  # d outputs[slot] = weight[pair in slot] * dy[token in slot].
+  slot_weight = weight.reshape(-1).at[slot_pair].get(mode='fill',
+                                                       fill_value=0)
+  doutputs = (_gather_rows(dy.reshape(-1, d), slot_token)
+              * slot_weight[..., None])
+  # d weight[pair] = <dy[token], outputs[slot of pair]>.
+  picked = _gather_rows(outputs, pair_slot)
+  dweight = jnp.einsum('gskd,gsd->gsk', picked, dy)
+  return (doutputs.reshape(outputs.shape), dweight.astype(weight.dtype),
+          None, None, None)
+
+
+_tc_combine.defvjp(_tc_combine_fwd, _tc_combine_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Soft MoE contractions with a single stored logits tensor.
+# ----------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def soft_dispatch(logits: Array, x: Array) -> Array:
+  """slots[g, n, d] = sum_s softmax_s(logits)[g, s, n] * x[g, s, d].
+
+  Custom VJP: the backward recomputes the softmax from `logits` instead of
+  storing it, so the only [g, s, n] residual is the logits array itself
+  (shared with `soft_combine`).
+  """
+  w = jax.nn.softmax(logits, axis=1).astype(x.dtype)
+  return jnp.einsum('gsn,gsd->gnd', w, x)
+
+
+def _soft_dispatch_fwd(logits, x):
+  return soft_dispatch(logits, x), (logits, x)
+
+
+def _soft_dispatch_bwd(res, dslots):
+  logits, x = res
+  w = jax.nn.softmax(logits, axis=1)
+  dx = jnp.einsum('gsn,gnd->gsd', w.astype(dslots.dtype), dslots)
+  dw = jnp.einsum('gnd,gsd->gsn', dslots, x,
+                  preferred_element_type=jnp.float32)
+  # Softmax VJP over s: w * (dw - sum_s w * dw).
+  dlogits = w * (dw - jnp.sum(w * dw, axis=1, keepdims=True))
+  return dlogits.astype(logits.dtype), dx.astype(x.dtype)
+
+
+soft_dispatch.defvjp(_soft_dispatch_fwd, _soft_dispatch_bwd)
+
+
+@jax.custom_vjp
+def soft_combine(logits: Array, outputs: Array) -> Array:
+  """y[g, s, d] = sum_n softmax_n(logits)[g, s, n] * outputs[g, n, d].
+
+  Custom VJP like `soft_dispatch`: the softmax is recomputed in the backward.
+  """
+  w = jax.nn.softmax(logits, axis=2).astype(outputs.dtype)
+  return jnp.einsum('gsn,gnd->gsd', w, outputs)
+
+
+def _soft_combine_fwd(logits, outputs):
+  return soft_combine(logits, outputs), (logits, outputs)
+
+
+def _soft_combine_bwd(res, dy):
+  logits, outputs = res
+  w = jax.nn.softmax(logits, axis=2)
+  doutputs = jnp.einsum('gsn,gsd->gnd', w.astype(dy.dtype), dy)
+  dw = jnp.einsum('gsd,gnd->gsn', dy, outputs,
+                  preferred_element_type=jnp.float32)
+  dlogits = w * (dw - jnp.sum(w * dw, axis=2, keepdims=True))
+  return dlogits.astype(logits.dtype), doutputs.astype(outputs.dtype)
+
+
+soft_combine.defvjp(_soft_combine_fwd, _soft_combine_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Dispatch / combine with capacity buffers.
+# ----------------------------------------------------------------------------
+
+
+def dispatch(r: rt.Routing, x: Array, method: str = 'indices') -> Array:
+  """Tokens [g, s, d] -> expert buffers [g, e, c, d] (empty slots are zero).
+
+  For 'dropless' this is the 'indices' layout (dropless only differs in
+  `moe_apply`, where it skips the buffers).
+  """
+  _check_method(method)
+  g, s, d = x.shape
+  if method == 'einsum':
+    mask = rt.dense_dispatch(r).astype(x.dtype)
+    return jnp.einsum('gsec,gsd->gecd', mask, x)
+  if isinstance(r, rt.SoftRouting):
+    e = r.num_experts
+    return soft_dispatch(r.logits, x).reshape(g, e, -1, d)
+  if isinstance(r, rt.TokenChoiceRouting):
+    maps = _TokenChoiceMaps.build(r)
+    return _tc_dispatch(x.reshape(g * s, d), maps.slot_token, maps.pair_slot)
+  if isinstance(r, rt.ExpertChoiceRouting):
+    index = r.token_index + _group_offsets(g, s)
+    return _gather_rows(x.reshape(g * s, d), index)
+  raise TypeError(f'unknown routing {type(r)}')
+
+
+def combine(r: rt.Routing, outputs: Array, method: str = 'indices') -> Array:
+  """Expert outputs [g, e, c, d] -> tokens [g, s, d], weighted by the gates.
+
+  Dropped tokens get exactly zero.
+  """
+  _check_method(method)
+  g, e, c, d = outputs.shape
+  if method == 'einsum':
+    weights = rt.dense_combine(r).astype(outputs.dtype)
+    return jnp.einsum('gsec,gecd->gsd', weights, outputs)
+  if isinstance(r, rt.SoftRouting):
+    return soft_combine(r.logits, outputs.reshape(g, e * c, d))
+  if isinstance(r, rt.TokenChoiceRouting):
+    maps = _TokenChoiceMaps.build(r)
+    w = r.combine_weight.astype(outputs.dtype)
+    return _tc_combine(outputs.reshape(g * e * c, d), w, maps.pair_slot,
+                       maps.slot_token, maps.slot_pair)
+  if isinstance(r, rt.ExpertChoiceRouting):
+    # A token may sit in several experts' buffers: accumulate (scatter-add).
+    s = r.num_tokens
+    index = r.token_index + _group_offsets(g, s)
+    w = r.combine_weight.astype(outputs.dtype)[..., None]
+    y = jnp.zeros((g * s, d), outputs.dtype)
+    y = y.at[index.reshape(-1)].add((outputs * w).reshape(-1, d))
+    return y.reshape(g, s, d)
+  raise TypeError(f'unknown routing {type(r)}')
+
+
+# ----------------------------------------------------------------------------
+# Dropless (sorted pairs + grouped matmul).
+# ----------------------------------------------------------------------------
+
+
+def _dropless_token_choice(r: rt.TokenChoiceRouting, x: Array,
+                           ragged_fn: RaggedFn) -> Array:
+  g, s, d = x.shape
+  k, e = r.expert_index.shape[-1], r.num_experts
+  # Dropped pairs get key e and sort to the end, outside every group.
+  key = jnp.where(r.valid, r.expert_index, e).reshape(-1)          # [m]
+  order = jnp.argsort(key, stable=True)
+  token = jnp.broadcast_to(
+      (jnp.arange(s, dtype=jnp.int32)[None, :, None]
+       + _group_offsets(g, s)), (g, s, k)).reshape(-1)
+  xs = x.reshape(g * s, d)[token[order]]
+  sizes = jnp.sum(jax.nn.one_hot(key, e, dtype=jnp.int32), axis=0)
+  ys = ragged_fn(xs, sizes, key[order])
+  pair_out = ys[jnp.argsort(order)].reshape(g, s, k, d)
+  # Rows of dropped pairs lie outside every group: their content is undefined.
+  pair_out = jnp.where(r.valid[..., None], pair_out, 0)
+  w = r.combine_weight.astype(ys.dtype)
+  return jnp.einsum('gskd,gsk->gsd', pair_out, w)
+
+
+def _dropless_expert_choice(r: rt.ExpertChoiceRouting, x: Array,
+                            ragged_fn: RaggedFn) -> Array:
+  g, s, d = x.shape
+  e, c = r.num_experts, r.capacity
+  # Expert-major rows: [e, g, c] are already sorted by expert.
+  index = jnp.swapaxes(r.token_index + _group_offsets(g, s), 0, 1)
+  xs = x.reshape(g * s, d)[index.reshape(-1)]
+  sizes = jnp.full((e,), g * c, jnp.int32)
+  expert_id = jnp.repeat(jnp.arange(e, dtype=jnp.int32), g * c)
+  ys = ragged_fn(xs, sizes, expert_id).reshape(e, g, c, d)
+  return combine(r, jnp.swapaxes(ys, 0, 1), 'indices')
+
+
+# ----------------------------------------------------------------------------
+# Everything together.
+# ----------------------------------------------------------------------------
+
+
+def moe_apply(r: rt.Routing, x: Array, expert_fn: ExpertFn, *,
+              method: str = 'indices',
+              ragged_fn: RaggedFn | None = None) -> Array:
+  """Routes x [g, s, d] through the experts and back to [g, s, d].
+
+  Args:
+    r: routing decision for x.
+    x: [g, s, d] tokens.
+    expert_fn: batched experts on buffers, [g, e, c, d] -> [g, e, c, d].
+    method: 'indices' | 'einsum' | 'dropless'.
+    ragged_fn: experts on expert-sorted rows, needed for 'dropless' with hard
+      routers (Soft MoE has no sparse layout; it uses 'indices').
+  """
+  _check_method(method)
+  if method == 'dropless' and not isinstance(r, rt.SoftRouting):
+    if ragged_fn is None:
+      raise ValueError("dispatch 'dropless' needs ragged_fn")
+    if isinstance(r, rt.TokenChoiceRouting):
+      return _dropless_token_choice(r, x, ragged_fn)
+    return _dropless_expert_choice(r, x, ragged_fn)
+  buffers = dispatch(r, x, method)
+  return combine(r, expert_fn(buffers), method)

@@ -1,0 +1,457 @@
+"""Routing decisions as pure functions of router logits.
+
+A router module (see `vmoe.nn.moe`) owns parameters and produces logits; this
+file turns logits into a routing *decision*: a small pytree saying which token
+goes to which slot of which expert buffer and with which combine weight.
+Dispatchers (`vmoe.nn.dispatch`) consume decisions; nothing here moves tokens.
+
+Axis letters: g groups, s tokens per group, e experts, c capacity (slots per
+expert), d model dim, k choices per token, n = e * c slots in a group.
+
+Routers:
+  * `token_choice`: top-k experts per token with a per-expert capacity, tokens
+    over capacity dropped; optional Batch Priority Routing (V-MoE,
+    Riquelme et al. 2021, https://arxiv.org/abs/2106.05974; GShard,
+    Lepikhin et al. 2020; Switch, Fedus et al. 2021).
+  * `expert_choice`: each expert picks its top-c tokens (Zhou et al. 2022,
+    https://arxiv.org/abs/2202.09368).
+  * `soft_routing`: Soft MoE slot logits (Puigcerver et al. 2023,
+    https://arxiv.org/abs/2308.00951); dispatch = softmax over tokens,
+    combine = softmax over slots.
+
+Auxiliary losses: `importance_loss`, `load_loss` (V-MoE appendix A),
+`balance_loss` (GShard / Switch), `z_loss` (ST-MoE, Zoph et al. 2022).
+
+All router math runs in float32 whatever the activation dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------
+# Decisions.
+# ----------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenChoiceRouting:
+  """Top-k token-choice assignment.
+
+  Attributes:
+    expert_index: [g, s, k] int32, expert chosen by each (token, choice).
+    position: [g, s, k] int32, slot inside that expert's buffer. Meaningful only
+      where `valid`; dropped pairs hold their would-be position (>= capacity).
+    combine_weight: [g, s, k] float32, gate value used to combine the expert
+      output; exactly zero where the pair was dropped.
+    valid: [g, s, k] bool, the pair fits in the expert's capacity.
+    capacity: static int c, buffer size per expert and group.
+    num_experts: static int e.
+  """
+  expert_index: Array
+  position: Array
+  combine_weight: Array
+  valid: Array
+  capacity: int = dataclasses.field(metadata=dict(static=True))
+  num_experts: int = dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertChoiceRouting:
+  """Expert-choice assignment: every slot of every expert holds one token.
+
+  Attributes:
+    token_index: [g, e, c] int32, token (within its group) placed in each slot.
+    combine_weight: [g, e, c] float32, gate of that token for that expert.
+    num_tokens: static int s (tokens per group).
+  """
+  token_index: Array
+  combine_weight: Array
+  num_tokens: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def capacity(self) -> int:
+    return self.token_index.shape[-1]
+
+  @property
+  def num_experts(self) -> int:
+    return self.token_index.shape[-2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SoftRouting:
+  """Soft MoE routing: only the slot logits are stored.
+
+  Both weight tensors derive from the same logits (dispatch = softmax over s,
+  combine = softmax over slots), so keeping the logits alone lets the
+  dispatcher hold a single [g, s, n] tensor.
+
+  Attributes:
+    logits: [g, s, n] float32 with n = e * p slots, expert-major.
+    num_experts: static int e; slots per expert p = n / e.
+  """
+  logits: Array
+  num_experts: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def capacity(self) -> int:
+    return self.logits.shape[-1] // self.num_experts
+
+  def dispatch_weights(self) -> Array:
+    """[g, s, n]: softmax over the tokens of the group, per slot."""
+    return jax.nn.softmax(self.logits, axis=1)
+
+  def combine_weights(self) -> Array:
+    """[g, s, n]: softmax over all slots, per token."""
+    return jax.nn.softmax(self.logits, axis=2)
+
+
+Routing = Union[TokenChoiceRouting, ExpertChoiceRouting, SoftRouting]
+
+
+# ----------------------------------------------------------------------------
+# Capacity.
+# ----------------------------------------------------------------------------
+
+
+def compute_capacity(num_tokens: int, num_experts: int, *,
+                     capacity_factor: float | None = None,
+                     num_selected: int = 1,
+                     capacity: int | None = None,
+                     multiple: int | None = None) -> int:
+  """Per-expert buffer size c for one group.
+
+  c = ceil(k * s * capacity_factor / e), rounded up to a multiple of
+  `multiple` (if given); an explicit `capacity` overrides the formula. The
+  result is at least 1 and at most s: an expert receives each token at most
+  once (top-k picks distinct experts; expert choice picks distinct tokens), so
+  a larger buffer could never be filled.
+  """
+  if capacity is None:
+    if capacity_factor is None:
+      raise ValueError('either capacity or capacity_factor must be given')
+    capacity = math.ceil(num_selected * num_tokens * capacity_factor
+                         / num_experts)
+    if multiple and multiple > 1:
+      capacity = -(-capacity // multiple) * multiple
+  return int(max(1, min(capacity, num_tokens)))
+
+
+# ----------------------------------------------------------------------------
+# Token choice.
+# ----------------------------------------------------------------------------
+
+
+def add_gating_noise(logits: Array, noise_std: float, rng: Array) -> Array:
+  """logits + noise_std * N(0, 1), in float32 (V-MoE noisy gating)."""
+  logits = logits.astype(jnp.float32)
+  return logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
+
+
+def token_choice(logits: Array, *, num_selected: int, capacity: int,
+                 batch_priority: bool = False,
+                 renormalize: bool = False) -> TokenChoiceRouting:
+  """Top-k token choice with capacity (V-MoE / GShard / Switch).
+
+  Gates are softmax(logits) over experts. Each token picks its k largest
+  gates. Buffer positions are assigned choice-major: every token's 1st choice
+  is placed before any 2nd choice, and so on. Within one choice rank tokens are
+  served in sequence order, or, with Batch Priority Routing (V-MoE, Sec. 4),
+  in descending order of their top gate, so the least confident tokens are the
+  ones dropped when an expert is full. Pairs beyond `capacity` are dropped.
+
+  Args:
+    logits: [g, s, e] router logits (already noisy in training).
+    num_selected: k.
+    capacity: c, slots per expert and group.
+    batch_priority: serve tokens by descending max gate instead of position.
+    renormalize: divide the k selected gates by their sum (before dropping).
+
+  Returns:
+    A `TokenChoiceRouting` with [g, s, k] fields.
+  """
+  g, s, e = logits.shape
+  k = num_selected
+  gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  top_gate, expert_index = jax.lax.top_k(gates, k)  # [g, s, k]
+  priority = top_gate[..., 0]  # max gate, before any renormalisation
+  if renormalize:
+    top_gate = top_gate / jnp.sum(top_gate, axis=-1, keepdims=True)
+
+  # Serving order of tokens within each group.
+  if batch_priority:
+    # Stable sort on -max_gate keeps sequence order among exact ties.
+    order = jnp.argsort(-priority, axis=-1, stable=True)
+    served = jnp.take_along_axis(expert_index, order[..., None], axis=1)
+  else:
+    order = None
+    served = expert_index
+
+  # [g, k, s] -> [g, k*s]: choice-major queue; a running count per expert
+  # gives each pair its buffer position.
+  queue = jnp.swapaxes(served, 1, 2).reshape(g, k * s)
+  one_hot = jax.nn.one_hot(queue, e, dtype=jnp.int32)           # [g, k*s, e]
+  position = jnp.sum(jnp.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
+  position = jnp.swapaxes(position.reshape(g, k, s), 1, 2)      # [g, s, k]
+
+  if batch_priority:
+    # Back from serving order to sequence order.
+    inverse = jnp.argsort(order, axis=-1)
+    position = jnp.take_along_axis(position, inverse[..., None], axis=1)
+
+  valid = position < capacity
+  return TokenChoiceRouting(
+      expert_index=expert_index.astype(jnp.int32),
+      position=position.astype(jnp.int32),
+      combine_weight=jnp.where(valid, top_gate, 0.0),
+      valid=valid,
+      capacity=int(capacity),
+      num_experts=int(e))
+
+
+# ----------------------------------------------------------------------------
+# Expert choice.
+# ----------------------------------------------------------------------------
+
+
+def expert_choice(logits: Array, *, capacity: int) -> ExpertChoiceRouting:
+  """Expert choice routing (Zhou et al. 2022, https://arxiv.org/abs/2202.09368).
+
+  Gates are softmax(logits) over experts; each expert then takes the
+  `capacity` tokens of the group with the largest gate for it (ties broken
+  by lower token index). A token can be chosen by 0..e experts.
+
+  Args:
+    logits: [g, s, e] router logits.
+    capacity: c <= s, tokens per expert (see `compute_capacity`, which uses
+      c = ceil(s * capacity_factor / e)).
+
+  Returns:
+    An `ExpertChoiceRouting` with [g, e, c] fields.
+  """
+  g, s, e = logits.shape
+  if not 1 <= capacity <= s:
+    raise ValueError(f'expert choice capacity={capacity} must be in [1, {s}]')
+  gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weight, token_index = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)
+  return ExpertChoiceRouting(token_index=token_index.astype(jnp.int32),
+                             combine_weight=weight, num_tokens=s)
+
+
+# ----------------------------------------------------------------------------
+# Soft MoE.
+# ----------------------------------------------------------------------------
+
+
+def l2_normalize(x: Array, axis: int, eps: float = 1e-6) -> Array:
+  """x / ||x|| along `axis` (float32)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + eps)
+
+
+def soft_routing(x: Array, phi: Array, scale: Array) -> SoftRouting:
+  """Soft MoE slot logits (Puigcerver et al. 2023, Sec. 2 and 2.3).
+
+  logits[g, s, n] = scale * <x[g, s] / |x[g, s]|, phi[:, n] / |phi[:, n]|>.
+  Normalising both sides and learning a scalar scale keeps the logits in a
+  sane range when the model dimension grows.
+
+  Args:
+    x: [g, s, d] tokens.
+    phi: [d, e, p] slot parameters (p slots per expert).
+    scale: [] learnable scalar.
+
+  Returns:
+    A `SoftRouting` holding [g, s, e*p] float32 logits.
+  """
+  d, e, p = phi.shape
+  xn = l2_normalize(x, axis=-1)
+  pn = l2_normalize(phi.reshape(d, e * p), axis=0)
+  logits = jnp.einsum('gsd,dn->gsn', xn, pn * scale.astype(jnp.float32))
+  return SoftRouting(logits=logits, num_experts=e)
+
+
+# ----------------------------------------------------------------------------
+# Dense tensors (tests and analysis only; never on the fast path).
+# ----------------------------------------------------------------------------
+
+
+def _one_hot_slots(expert_index: Array, position: Array, valid: Array,
+                   e: int, c: int) -> Array:
+  """[g, s, k] pairs -> [g, s, k, e, c] one-hot (zero for dropped pairs)."""
+  slot = jnp.where(valid, expert_index * c + position, -1)
+  return jax.nn.one_hot(slot, e * c).reshape(*slot.shape, e, c)
+
+
+def dense_dispatch(routing: Routing) -> Array:
+  """[g, s, e, c] dispatch tensor: buffers = einsum('gsec,gsd->gecd', ., x).
+
+  0/1 for hard routers, softmax-over-tokens weights for Soft MoE.
+  """
+  if isinstance(routing, TokenChoiceRouting):
+    oh = _one_hot_slots(routing.expert_index, routing.position, routing.valid,
+                        routing.num_experts, routing.capacity)
+    return jnp.sum(oh, axis=2)
+  if isinstance(routing, ExpertChoiceRouting):
+    oh = jax.nn.one_hot(routing.token_index, routing.num_tokens)  # [g,e,c,s]
+    return jnp.transpose(oh, (0, 3, 1, 2))
+  if isinstance(routing, SoftRouting):
+    g, s, n = routing.logits.shape
+    return routing.dispatch_weights().reshape(g, s, routing.num_experts, -1)
+  raise TypeError(f'unknown routing {type(routing)}')
+
+
+def dense_combine(routing: Routing) -> Array:
+  """[g, s, e, c] combine tensor: y = einsum('gsec,gecd->gsd', ., outputs)."""
+  if isinstance(routing, TokenChoiceRouting):
+    oh = _one_hot_slots(routing.expert_index, routing.position, routing.valid,
+                        routing.num_experts, routing.capacity)
+    return jnp.einsum('gskec,gsk->gsec', oh, routing.combine_weight)
+  if isinstance(routing, ExpertChoiceRouting):
+    return dense_dispatch(routing) * routing.combine_weight[:, None]
+  if isinstance(routing, SoftRouting):
+    g, s, n = routing.logits.shape
+    return routing.combine_weights().reshape(g, s, routing.num_experts, -1)
+  raise TypeError(f'unknown routing {type(routing)}')
+
+
+# ----------------------------------------------------------------------------
+# Auxiliary losses. Each is computed per group and averaged over groups.
+# ----------------------------------------------------------------------------
+
+
+def _cv_squared(v: Array) -> Array:
+  """Squared coefficient of variation over the last axis (var / mean^2)."""
+  return jnp.var(v, axis=-1) / jnp.square(jnp.mean(v, axis=-1))
+
+
+def importance_loss(gates: Array) -> Array:
+  """V-MoE importance loss (Riquelme et al. 2021, App. A; Shazeer et al. 2017).
+
+  importance_e = sum_s gates[s, e]; loss = CV(importance)^2, per group, mean
+  over groups.
+
+  Args:
+    gates: [g, s, e] softmax gates (V-MoE uses the noise-free gates).
+  Returns:
+    scalar.
+  """
+  return jnp.mean(_cv_squared(jnp.sum(gates, axis=1)))
+
+
+def load_loss(logits: Array, noisy_logits: Array, noise_std: float,
+              num_selected: int) -> Array:
+  """V-MoE load loss from the noisy-gating estimate (Shazeer et al. 2017).
+
+  For each token the threshold is its k-th largest noisy logit. The
+  probability that expert e would be selected if its noise were re-drawn is
+  p[s, e] = 1 - Phi((threshold[s] - logits[s, e]) / noise_std), with Phi the
+  standard normal CDF and `logits` the clean logits. load_e = mean_s p[s, e];
+  loss = CV(load)^2, per group, mean over groups. Defined only for
+  noise_std > 0.
+
+  Args:
+    logits: [g, s, e] clean logits.
+    noisy_logits: [g, s, e] logits + noise (those used for routing).
+    noise_std: standard deviation of the noise.
+    num_selected: k.
+  Returns:
+    scalar.
+  """
+  logits = logits.astype(jnp.float32)
+  noisy_logits = noisy_logits.astype(jnp.float32)
+  e = logits.shape[-1]
+  # The threshold is picked by index and read back with a one-hot product so
+  # that its gradient flows into the noisy logits (as in the V-MoE reference).
+  kth = jax.lax.top_k(noisy_logits, num_selected)[1][..., -1]
+  threshold = jnp.sum(jax.nn.one_hot(kth, e) * noisy_logits, axis=-1)
+  z = (threshold[..., None] - logits) / noise_std
+  p = 1.0 - jax.scipy.stats.norm.cdf(z)
+  return jnp.mean(_cv_squared(jnp.mean(p, axis=1)))
+
+
+def balance_loss(gates: Array) -> Array:
+  """GShard / Switch load-balancing loss: e * sum_e f_e * P_e.
+
+  f_e is the fraction of tokens whose top-1 expert is e, P_e the mean gate of
+  expert e. Equals 1 for a perfectly uniform router. Per group, mean over
+  groups.
+
+  Args:
+    gates: [g, s, e] gates used for routing.
+  Returns:
+    scalar.
+  """
+  e = gates.shape[-1]
+  frac = jnp.mean(jax.nn.one_hot(jnp.argmax(gates, axis=-1), e), axis=1)
+  prob = jnp.mean(gates, axis=1)
+  return jnp.mean(e * jnp.sum(frac * prob, axis=-1))
+
+
+def z_loss(logits: Array) -> Array:
+  """Router z-loss (ST-MoE, Zoph et al. 2022): mean_s logsumexp(logits)^2.
+
+  Args:
+    logits: [..., e] logits (the softmax axis last).
+  Returns:
+    scalar.
+  """
+  lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.square(lse))
+
+
+# ----------------------------------------------------------------------------
+# Routing statistics.
+# ----------------------------------------------------------------------------
+
+
+def entropy(probs: Array) -> Array:
+  """Mean entropy (nats) of the distributions along the last axis."""
+  return jnp.mean(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0),
+                           axis=-1))
+
+
+def dropped_fraction(routing: Routing) -> Array:
+  """Fraction of tokens that reach no expert slot (0 for Soft MoE)."""
+  if isinstance(routing, TokenChoiceRouting):
+    return jnp.mean((~jnp.any(routing.valid, axis=-1)).astype(jnp.float32))
+  if isinstance(routing, ExpertChoiceRouting):
+    g, s = routing.token_index.shape[0], routing.num_tokens
+    gi = jnp.arange(g)[:, None, None]
+    hit = jnp.zeros((g, s), jnp.bool_).at[gi, routing.token_index].set(True)
+    return jnp.mean((~hit).astype(jnp.float32))
+  if isinstance(routing, SoftRouting):
+    return jnp.zeros((), jnp.float32)
+  raise TypeError(f'unknown routing {type(routing)}')
+
+
+def expert_load(routing: Routing) -> Array:
+  """[e] share of the work of each expert (sums to 1).
+
+  Hard routers: fraction of kept (token, expert) assignments per expert.
+  Soft MoE: fraction of the combine mass per expert.
+  """
+  if isinstance(routing, TokenChoiceRouting):
+    e = routing.num_experts
+    counts = jnp.sum(jax.nn.one_hot(routing.expert_index, e)
+                     * routing.valid[..., None], axis=(0, 1, 2))
+    return counts / jnp.maximum(jnp.sum(counts), 1.0)
+  if isinstance(routing, ExpertChoiceRouting):
+    e = routing.num_experts
+    return jnp.full((e,), 1.0 / e, jnp.float32)
+  if isinstance(routing, SoftRouting):
+    g, s, n = routing.logits.shape
+    mass = routing.combine_weights().reshape(g, s, routing.num_experts, -1)
+    return jnp.mean(jnp.sum(mass, axis=-1), axis=(0, 1))
+  raise TypeError(f'unknown routing {type(routing)}')
