@@ -68,16 +68,23 @@ def _init_distributed() -> None:
     if explicit:
       _fail(f'--distributed=off contradicts --{next(iter(explicit))}')
     return
+  # Flags win over the environment (JAX itself reads only the address).
+  for key, var in (('num_processes', 'JAX_NUM_PROCESSES'),
+                   ('process_id', 'JAX_PROCESS_ID')):
+    if key not in explicit and os.environ.get(var):
+      try:
+        explicit[key] = int(os.environ[var])
+      except ValueError:
+        _fail(f'{var}={os.environ[var]!r} must be an integer')
   if mode is None and not explicit and not os.environ.get(
       'JAX_COORDINATOR_ADDRESS'):
     return
-  if mode is None:  # explicit flags and/or JAX_* environment variables
-    num = explicit.get('num_processes')
-    pid = explicit.get('process_id')
-    if num is not None and num < 1:
-      _fail(f'--num_processes={num} must be >= 1')
-    if pid is not None and num is not None and not 0 <= pid < num:
-      _fail(f'--process_id={pid} must be in [0, --num_processes={num})')
+  num = explicit.get('num_processes')
+  pid = explicit.get('process_id')
+  if num is not None and num < 1:
+    _fail(f'--num_processes={num} must be >= 1')
+  if pid is not None and num is not None and not 0 <= pid < num:
+    _fail(f'--process_id={pid} must be in [0, --num_processes={num})')
   try:
     jax.distributed.initialize(**explicit)
   except (ValueError, RuntimeError) as e:

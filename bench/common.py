@@ -101,6 +101,20 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> dict[str, float]:
   return {k: flops / v / 1e9 for k, v in t.items()}
 
 
+def peak_call(n: int = 3072) -> tuple[Callable[[], Any], float]:
+  """(zero-argument f32 n x n matmul, its FLOPs) to time beside other programs.
+
+  Timed in the same interleaved round-robin as a benchmark's programs, it
+  sees the same background load, so '% of peak' stays meaningful on a busy
+  machine.
+  """
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32)
+  b = jax.random.normal(kb, (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  return (lambda: f(a, b)), 2.0 * n ** 3
+
+
 def cpu_model() -> str:
   try:
     with open('/proc/cpuinfo') as f:

@@ -1,7 +1,7 @@
 """MoE layer vs dense MLP: time, FLOP rate and memory on the local backend.
 
     python -m bench.moe_layer --quick    # target rows at 6304 tokens (~1 min)
-    python -m bench.moe_layer            # full sweep (~7 min on 2 cores)
+    python -m bench.moe_layer            # full sweep (~6 min on 2 cores)
 
 Every program is compiled ahead of time, warmed up, then timed as the median
 of repeats interleaved across all programs of a section in one process (so
@@ -19,12 +19,15 @@ share of the f32 matmul peak measured in the same run.
 
 Sections (full mode; --quick runs five rows of the first one on half the
 batch, 32 images):
-  targets  ViT-S dims, 12608 tokens (64 images of 197), capacity factor 1.
-  methods  every router x dispatch strategy, 8 and 32 experts, groups 1 and 4.
-  experts  8/32/128/256 experts with groups of 16 images.
-  capacity capacity factors 1.0/1.25/2.0.
-  vit_b    ViT-B dims (d=768, h=3072), 6304 tokens.
-  memory   temp memory of routing + dispatch + combine vs tokens and group.
+  targets  ViT-S dims, 12608 tokens (64 images of 197), capacity factor 1;
+           8 and 32 experts, groups of 1 and 4 images.
+  methods  every router x dispatch strategy, 8 experts, 6304 tokens.
+  capacity capacity factors 1.25 and 2.0 (1.0 is in targets), 6304 tokens.
+  vit_b    ViT-B dims (d=768, h=3072), 3152 tokens.
+  memory   temp memory of routing + dispatch + combine vs tokens and group
+           (compiled, not run).
+The number of experts (8 .. 256, groups of 16 images) is swept by
+`bench.scaling`.
 There is no Pallas dispatch among `vmoe.nn.dispatch.METHODS` yet; Pallas runs
 on CPU only in interpret mode, which says nothing about speed.
 """
@@ -127,7 +130,8 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
 
   Each case gets a dense MLP reference on exactly its number of slots
   (shared between cases with equal slots); `base_dense` adds one on the
-  tokens of the batch.
+  tokens of the batch. '% peak' is relative to the larger of `peak` and a
+  3072^2 f32 matmul timed in the same round-robin.
   """
   t_start = time.perf_counter()
   fwd_calls, bwd_calls, info, dense = {}, {}, {}, {}
@@ -168,8 +172,16 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
     info[c] = dict(temp=temp, slots=slots, ref=dense_ref(c.dims, slots),
                    capacity=layer.capacity_for(c.group * SEQ, True))
     del layer
-  t_fwd = common.time_interleaved(fwd_calls, repeats, warmup)
-  t_bwd = common.time_interleaved(bwd_calls, repeats, warmup)
+  # fwd and fwd+bwd programs of all cases and a square f32 matmul (the peak
+  # under the same load) in one round-robin.
+  peak_fn, peak_flops = common.peak_call()
+  t = common.time_interleaved(
+      {**{('fwd', k): f for k, f in fwd_calls.items()},
+       **{('bwd', k): f for k, f in bwd_calls.items()},
+       ('peak', None): peak_fn}, repeats, warmup)
+  t_fwd = {k: t['fwd', k] for k in fwd_calls}
+  t_bwd = {k: t['bwd', k] for k in bwd_calls}
+  peak = max(peak, peak_flops / t['peak', None] / 1e9)
 
   rows = []
   for key, v in dense.items():
@@ -177,6 +189,7 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
     fl = mlp_flops(v['rows'], d, h)
     rows.append(dict(
         section=title, layer='dense MLP', dims=f'ViT-{v["dims"]}',
+        peak_gflops=peak,
         tokens=v['rows'], experts='', group_images='', capacity_factor='',
         dispatch='', capacity='', slots=v['rows'],
         fwd_ms=t_fwd[key] * 1e3, fwd_bwd_ms=t_bwd[key] * 1e3,
@@ -191,6 +204,7 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
     ref = v['ref']
     rows.append(dict(
         section=title, layer=c.name, dims=f'ViT-{c.dims}', tokens=tokens,
+        peak_gflops=peak,
         experts=c.e, group_images=c.group, capacity_factor=c.cf,
         dispatch=c.method, capacity=v['capacity'], slots=v['slots'],
         fwd_ms=t_fwd[c] * 1e3, fwd_bwd_ms=t_bwd[c] * 1e3,
@@ -212,45 +226,31 @@ def target_cases(quick: bool) -> list[Case]:
             Case('token_choice', 32, 4, k=2, bpr=True, method='einsum'),
             Case('token_choice', 32, 1, k=1),
             Case('soft', 32, 1)]
-  cases = []
-  for e in (8, 32):
-    for g in (1, 4):
-      cases.append(Case('token_choice', e, g, k=2, bpr=True))
-      cases.append(Case('token_choice', e, g, k=1))
-  cases.append(Case('token_choice', 32, 4, k=2, bpr=True, method='einsum'))
-  cases.append(Case('token_choice', 32, 4, k=1, method='einsum'))
-  for g in (1, 4):
-    cases.append(Case('soft', 32, g))  # slots = tokens (capacity factor 1)
+  cases = [Case('token_choice', e, g, k=2, bpr=True)
+           for e in (8, 32) for g in (1, 4)]
+  cases += [Case('token_choice', 8, 1, k=1), Case('token_choice', 32, 4, k=1),
+            Case('token_choice', 32, 4, k=2, bpr=True, method='einsum')]
+  cases += [Case('soft', 32, g) for g in (1, 4)]  # slots = tokens (cf 1)
   return cases
 
 
 def method_cases() -> list[Case]:
+  """Every router x dispatch strategy, 8 experts, groups of one image."""
   cases = []
-  for e in (8, 32):
-    for g in (1, 4):
-      for method in ('indices', 'einsum'):
-        for k, bpr in ((1, False), (2, False), (2, True)):
-          cases.append(Case('token_choice', e, g, k, bpr, method))
-        cases.append(Case('expert_choice', e, g, method=method))
-        cases.append(Case('soft', e, g, method=method))
-      if e == 8:  # ragged_dot on CPU slows down with the number of experts
-        cases.append(Case('token_choice', e, g, 1, False, 'dropless'))
-        cases.append(Case('token_choice', e, g, 2, True, 'dropless'))
-  return cases
-
-
-def expert_cases() -> list[Case]:
-  cases = []
-  for e in (8, 32, 128, 256):
-    cases.append(Case('token_choice', e, 16, k=2, bpr=True))
-    cases.append(Case('expert_choice', e, 16))
-    cases.append(Case('soft', e, 16))
+  for method in ('indices', 'einsum'):
+    for k, bpr in ((1, False), (2, False), (2, True)):
+      cases.append(Case('token_choice', 8, 1, k, bpr, method))
+    cases.append(Case('expert_choice', 8, 1, method=method))
+    cases.append(Case('soft', 8, 1, method=method))
+  # ragged_dot on CPU slows down with the number of experts: 8 only.
+  cases.append(Case('token_choice', 8, 1, 1, False, 'dropless'))
+  cases.append(Case('token_choice', 8, 1, 2, True, 'dropless'))
   return cases
 
 
 def capacity_cases() -> list[Case]:
   cases = []
-  for cf in (1.0, 1.25, 2.0):
+  for cf in (1.25, 2.0):
     cases.append(Case('token_choice', 32, 4, k=2, bpr=True, cf=cf))
     cases.append(Case('token_choice', 32, 4, k=2, bpr=True, cf=cf,
                       method='einsum'))
@@ -316,15 +316,15 @@ def run(quick: bool, repeats: int | None = None,
   """Runs the layer benchmark; returns (markdown, rows, machine info)."""
   peak = peak or common.matmul_peak()
   info = common.machine_info(peak)
-  reps = repeats or (3 if quick else 5)
-  # Quick: half the batch (6304 tokens) and only the target rows.
+  reps = repeats or 3
+  # Quick: half the batch (6304 tokens) and only the target rows. The other
+  # sections use smaller batches to fit the time budget; the number of
+  # experts is swept by `bench.scaling`.
   sections = [('targets', target_cases(quick), 32 if quick else 64)]
   if not quick:
-    sections += [('methods', [c for c in method_cases()
-                              if c not in target_cases(False)], 64),
-                 ('experts', expert_cases(), 64),
-                 ('capacity', capacity_cases(), 64),
-                 ('vit_b', vit_b_cases(), 32)]
+    sections += [('methods', method_cases(), 32),
+                 ('capacity', capacity_cases(), 32),
+                 ('vit_b', vit_b_cases(), 16)]
   rows = []
   for title, cases, images in sections:
     rows += run_section(title, cases, images, reps, peak['f32'],
@@ -336,7 +336,8 @@ def run(quick: bool, repeats: int | None = None,
         'ratio = time / time of the dense MLP on `slots` tokens (equal '
         'active FLOPs), measured interleaved in the same section. GFLOP/s = '
         'active fwd+bwd FLOPs (3 x 4 x slots x d x h) per second; % peak of '
-        'the measured f32 matmul peak. Soft MoE additionally spends '
+        'the f32 matmul peak measured in the same section (max of the start '
+        'of the run and a 3072^2 matmul interleaved with the section). Soft MoE additionally spends '
         '6 x s x n x d FLOPs per group (logits, dispatch, combine; x3 with '
         'the backward), counted here as overhead.', '',
         'Temp memory of routing + dispatch + combine, fwd+bwd (token choice '

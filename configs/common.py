@@ -31,6 +31,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Device mesh: axis name -> size, -1 meaning all remaining devices. The batch
   # is split over every axis; expert weights over 'expert'.
   config.mesh = ml_collections.ConfigDict({'data': -1, 'expert': 1})
+  # Parameter sharding (vmoe/sharding.py): logical axis -> mesh axis rules,
+  # path-regex overrides, FSDP of large parameters over 'data' (0 = off).
+  config.partitioning = ml_collections.ConfigDict()
+  config.partitioning.rules = (('expert', 'expert'),)
+  config.partitioning.overrides = ((r'(^|/)router/', ()),)
+  config.partitioning.fsdp_min_size = 0
+  config.partitioning.fsdp_regex = '.*'
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'digits'

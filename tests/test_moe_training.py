@@ -31,9 +31,18 @@ def _short(name, data_dir, **moe_overrides):
   return config
 
 
-@pytest.mark.parametrize('dispatch', ['indices', 'einsum', 'dropless'])
-@pytest.mark.parametrize('name', ['vmoe_b16_digits', 'ec_moe_b16_digits',
-                                  'soft_moe_b16_digits'])
+# Every router trains with the default dispatch, token choice also with the
+# other two; the agreement of all strategies for every router (outputs and
+# gradients) is tested at layer level in test_dispatch.py.
+@pytest.mark.parametrize('name,dispatch', [
+    ('vmoe_b16_digits', 'indices'),
+    ('vmoe_b16_digits', 'einsum'),
+    ('vmoe_b16_digits', 'dropless'),
+    ('ec_moe_b16_digits', 'indices'),
+    ('ec_moe_b16_digits', 'einsum'),
+    ('soft_moe_b16_digits', 'indices'),
+    ('soft_moe_b16_digits', 'einsum'),
+])
 def test_router_and_dispatch_train_and_report_metrics(name, dispatch,
                                                       digits_data_dir,
                                                       tmp_path):

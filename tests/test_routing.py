@@ -249,3 +249,41 @@ def test_entropy_and_expert_load():
   r = token_choice(two_expert_logits(P0), num_selected=1, capacity=2)
   # Kept: e0 <- t0, t1; e1 <- t2.
   np.testing.assert_allclose(rt.expert_load(r), [2 / 3, 1 / 3], rtol=1e-6)
+
+
+@pytest.mark.parametrize('e', [1, 3, 8, 70])
+def test_queue_positions_sort_matches_one_hot(e):
+  queue = jax.random.randint(jax.random.key(e), (3, 50), 0, e)
+  want = rt.queue_positions(queue, e, method='one_hot')
+  got = rt.queue_positions(queue, e, method='sort')
+  np.testing.assert_array_equal(got, want)
+  # Hand check: the i-th occurrence of an expert gets position i.
+  q = np.asarray(queue)
+  for gi in range(q.shape[0]):
+    for i in range(q.shape[1]):
+      assert want[gi, i] == np.sum(q[gi, :i] == q[gi, i])
+
+
+@pytest.mark.parametrize('bpr', [False, True])
+def test_token_choice_sorted_positions_match_one_hot(monkeypatch, bpr):
+  logits = jax.random.normal(jax.random.key(0), (2, 40, 9))
+  kw = dict(num_selected=2, capacity=5, batch_priority=bpr)
+  monkeypatch.setattr(rt, 'SORT_POSITIONS_MIN_EXPERTS', 1000)
+  want = rt.token_choice(logits, **kw)
+  monkeypatch.setattr(rt, 'SORT_POSITIONS_MIN_EXPERTS', 1)
+  got = rt.token_choice(logits, **kw)
+  for field in ('position', 'valid', 'combine_weight', 'expert_index'):
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+@pytest.mark.parametrize('k', [1, 2, 3, 6])
+def test_top_k_matches_lax_top_k(k):
+  x = jax.random.normal(jax.random.key(k), (2, 5, 9))
+  x = x.at[0, 0, :4].set(1.5)  # ties go to the lower index
+  want_v, want_i = jax.lax.top_k(x, k)
+  got_v, got_i = rt.top_k(x, k)
+  np.testing.assert_array_equal(got_i, want_i)
+  np.testing.assert_array_equal(got_v, want_v)
+  g_want = jax.grad(lambda x: jnp.sum(jax.lax.top_k(x, k)[0] ** 2))(x)
+  g_got = jax.grad(lambda x: jnp.sum(rt.top_k(x, k)[0] ** 2))(x)
+  np.testing.assert_allclose(g_got, g_want)

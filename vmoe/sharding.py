@@ -159,12 +159,15 @@ def validate_mesh_config(config: ml_collections.ConfigDict,
   rules = partitioning_rules(config)
   partitioning_overrides(config)
   _fsdp_options(config)
-  for name in ('batch_size', 'eval_batch_size'):
-    value = config[name]
-    if value % num_devices or value % num_processes:
-      raise ValueError(f'config.{name}={value} is not divisible by the '
-                       f'{num_devices} devices of mesh {sizes} '
-                       f'({num_processes} processes)')
+  value = config.batch_size
+  if value % num_devices or value % num_processes:
+    raise ValueError(f'config.batch_size={value} is not divisible by the '
+                     f'{num_devices} devices of mesh {sizes} '
+                     f'({num_processes} processes)')
+  # Eval batches are padded (mask 0) to a multiple of the devices.
+  if config.eval_batch_size % num_processes:
+    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not '
+                     f'divisible by the {num_processes} processes')
   moe = config.get('model', {}).get('moe')
   if moe is None:
     return
@@ -184,7 +187,7 @@ def validate_mesh_config(config: ml_collections.ConfigDict,
     from vmoe.nn import vit  # pylint: disable=g-import-not-at-top
     tokens = vit.num_tokens(config.model, config.preprocess.image_size)
     for name in ('batch_size', 'eval_batch_size'):
-      local = config[name] // num_devices * tokens
+      local = -(-config[name] // num_devices) * tokens
       if local % group_size:
         raise ValueError(
             f'config.model.moe.group_size={group_size} does not divide the '
@@ -406,6 +409,20 @@ def sharding_summary(abstract_state, state_sharding, mesh: Mesh,
 # ----------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------
+
+
+def pad_batch(local_batch: dict[str, np.ndarray],
+              multiple: int) -> dict[str, np.ndarray]:
+  """Pads the leading axis with zero rows up to a multiple of `multiple`.
+
+  For eval batches, whose 'mask' is then 0 on the padding.
+  """
+  def pad(x):
+    extra = -len(x) % multiple
+    if not extra:
+      return x
+    return np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)])
+  return jax.tree.map(pad, local_batch)
 
 
 def global_batch(local_batch: dict[str, np.ndarray],

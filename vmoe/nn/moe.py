@@ -431,10 +431,11 @@ class MoeLayer(nnx.Module):
               ) -> tuple[Any, jax.Array | None, float]:
     """(clean logits [g, s, e], noisy logits, noise std) of groups x [g, s, d].
 
-    Soft MoE: (SoftRouting, None, 0.0); its decision is the logits.
+    Soft MoE: (SoftRouting, SoftRouting, 0.0); its decision is the logits.
     """
     if self.router_type == 'soft':
-      return self.router(x), None, 0.0
+      r = self.router(x)
+      return r, r, 0.0
     logits = self.router(x)  # [g, s, e] float32
     std = self.noise_std if train else 0.0
     noisy = logits

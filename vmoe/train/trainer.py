@@ -139,6 +139,8 @@ class Experiment:
     for batch in pipeline.eval_iterator(
         self.config, process_index=jax.process_index(),
         process_count=jax.process_count()):
+      # Padding rows (mask 0) make every device's share equal.
+      batch = sharding.pad_batch(batch, jax.local_device_count())
       sums = self.eval_step(params, sharding.global_batch(
           batch, self.batch_sharding))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
