@@ -100,6 +100,8 @@ def main(argv):
   # Heavy imports after flag parsing: `--help` and flag errors stay fast.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  # Quiet absl INFO lines (e.g. JAX probing for absent TPU/GPU backends).
+  logging.set_verbosity(logging.WARNING)
   _init_distributed()
   from vmoe.data.pipeline import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -116,7 +118,6 @@ def main(argv):
     return
   if not _WORKDIR.value:
     _fail('--workdir is required (checkpoints and metrics are written there)')
-  logging.set_verbosity(logging.WARNING)
   try:
     result = trainer.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, DatasetNotFoundError,
