@@ -51,3 +51,20 @@ def tiny_digits_config(data_dir: str, **overrides):
       node = node[p]
     node[name] = value
   return config
+
+
+def tiny_digits_config_file(tmp_path, data_dir: str, moe: dict | None = None,
+                            **overrides) -> str:
+  """Writes a config file for `main.py` subprocesses: `tiny_digits_config`
+  with `overrides`, plus `model.moe = common.moe_config(**moe)` if given."""
+  path = tmp_path / 'tiny_config.py'
+  moe_line = (f'  config.model.moe = common.moe_config(**{moe!r})\n'
+              if moe is not None else '')
+  path.write_text(
+      'from configs import common\n'
+      'from tests.conftest import tiny_digits_config\n\n\n'
+      'def get_config():\n'
+      f'  config = tiny_digits_config({data_dir!r}, **{overrides!r})\n'
+      f'{moe_line}'
+      '  return config\n')
+  return str(path)

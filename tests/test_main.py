@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import tiny_digits_config_file
 from vmoe.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,29 +22,6 @@ def _run(*args, timeout=300):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
-
-
-def _tiny_config_file(tmp_path, data_dir, steps=16, every=4):
-  path = tmp_path / 'tiny_config.py'
-  path.write_text(textwrap.dedent(f'''\
-      from configs import common
-
-      def get_config():
-        config = common.get_base_config()
-        common.digits_data(config)
-        config.dataset.data_dir = {data_dir!r}
-        config.model.variant = 'mu/2'
-        config.model.dropout = 0.1
-        config.batch_size = 32
-        config.eval_batch_size = 100
-        config.num_train_steps = {steps}
-        config.log_every_steps = 4
-        config.eval_every_steps = {steps}
-        config.checkpoint_every_steps = {every}
-        config.schedule.warmup_steps = 2
-        return config
-      '''))
-  return str(path)
 
 
 @pytest.mark.parametrize('override,message', [
@@ -96,7 +74,10 @@ def test_missing_required_field(tmp_path):
 def test_sigkill_and_rerun_gives_identical_parameters(digits_data_dir,
                                                       tmp_path):
   """Kill -9 at a random point (saves every step, so likely mid-save)."""
-  config = _tiny_config_file(tmp_path, digits_data_dir, steps=16, every=1)
+  config = tiny_digits_config_file(
+      tmp_path, digits_data_dir, num_train_steps=16, eval_every_steps=16,
+      checkpoint_every_steps=1, **{'model.dropout': 0.1,
+                                   'optimizer.learning_rate': 1e-3})
   full = tmp_path / 'full'
   proc = _run(f'--config={config}', f'--workdir={full}')
   assert proc.returncode == 0, proc.stderr

@@ -11,11 +11,11 @@ import pathlib
 import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
 
+from tests.conftest import tiny_digits_config_file
 from vmoe.train import checkpoint as checkpoint_lib
 from vmoe.train import metrics_writer
 from vmoe.train import trainer
@@ -30,33 +30,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _config_file(tmp_path, data_dir) -> str:
-  path = tmp_path / 'moe_config.py'
-  path.write_text(textwrap.dedent(f'''\
-      from configs import common
-
-      def get_config():
-        config = common.get_base_config()
-        common.digits_data(config)
-        config.dataset.data_dir = {data_dir!r}
-        config.model.variant = 'mu/2'
-        config.model.moe = common.moe_config(
-            layers=(1, 3), router='token_choice', num_experts=8, k=2,
-            group_size=17, batch_priority=True)
-        config.mesh.expert = 4
-        config.batch_size = 32
-        config.eval_batch_size = 96
-        config.num_train_steps = 4
-        config.log_every_steps = 1
-        config.eval_every_steps = 4
-        config.checkpoint_every_steps = 4
-        config.schedule.warmup_steps = 1
-        config.optimizer.learning_rate = 3e-3
-        return config
-      '''))
-  return str(path)
-
-
 def _env(**extra):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **extra)
   env.pop('XLA_FLAGS', None)
@@ -69,7 +42,13 @@ def _losses(workdir):
 
 
 def test_two_processes_match_one_process(digits_data_dir, tmp_path):
-  config = _config_file(tmp_path, digits_data_dir)
+  config = tiny_digits_config_file(
+      tmp_path, digits_data_dir,
+      moe=dict(layers=(1, 3), router='token_choice', num_experts=8, k=2,
+               group_size=17, batch_priority=True),
+      eval_batch_size=96, num_train_steps=4, log_every_steps=1,
+      eval_every_steps=4, checkpoint_every_steps=4,
+      **{'mesh.expert': 4, 'schedule.warmup_steps': 1})
   work2 = tmp_path / 'two'
   port = _free_port()
   procs = [subprocess.Popen(

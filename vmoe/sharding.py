@@ -123,13 +123,19 @@ def partitioning_overrides(config: ml_collections.ConfigDict
       raise ValueError(f'config.partitioning.overrides entry {entry!r} must be '
                        f'(path_regex, spec) with spec a tuple of {MESH_AXES} '
                        'or None')
-    try:
-      re.compile(regex)
-    except re.error as e:
-      raise ValueError(f'config.partitioning.overrides regex {regex!r} is not '
-                       f'valid ({e})') from None
+    _check_regex(regex, 'config.partitioning.overrides regex ')
     out.append((regex, spec))
   return tuple(out)
+
+
+def _check_regex(regex: str, field: str) -> None:
+  """Raises a one-line ValueError naming the field (`field` is its prefix in
+  the message, e.g. 'config.partitioning.fsdp_regex=') if `regex` does not
+  compile."""
+  try:
+    re.compile(regex)
+  except re.error as e:
+    raise ValueError(f'{field}{regex!r} is not a valid regex ({e})') from None
 
 
 def _fsdp_options(config) -> tuple[int, str]:
@@ -139,11 +145,7 @@ def _fsdp_options(config) -> tuple[int, str]:
   if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
     raise ValueError(f'config.partitioning.fsdp_min_size={min_size!r} must be '
                      'an integer >= 0 (0 = off)')
-  try:
-    re.compile(regex)
-  except re.error as e:
-    raise ValueError(f'config.partitioning.fsdp_regex={regex!r} is not a '
-                     f'valid regex ({e})') from None
+  _check_regex(regex, 'config.partitioning.fsdp_regex=')
   return min_size, regex
 
 

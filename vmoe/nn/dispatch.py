@@ -168,6 +168,11 @@ _tc_combine.defvjp(_tc_combine_fwd, _tc_combine_bwd)
 # ----------------------------------------------------------------------------
 
 
+def _softmax_vjp(w: Array, dw: Array, axis: int) -> Array:
+  """Gradient w.r.t. the logits of w = softmax(logits, axis), given dL/dw."""
+  return w * (dw - jnp.sum(w * dw, axis=axis, keepdims=True))
+
+
 @jax.custom_vjp
 def soft_dispatch(logits: Array, x: Array) -> Array:
   """slots[g, n, d] = sum_s softmax_s(logits)[g, s, n] * x[g, s, d].
@@ -190,8 +195,7 @@ def _soft_dispatch_bwd(res, dslots):
   dx = jnp.einsum('gsn,gnd->gsd', w.astype(dslots.dtype), dslots)
   dw = jnp.einsum('gnd,gsd->gsn', dslots, x,
                   preferred_element_type=jnp.float32)
-  # Softmax VJP over s: w * (dw - sum_s w * dw).
-  dlogits = w * (dw - jnp.sum(w * dw, axis=1, keepdims=True))
+  dlogits = _softmax_vjp(w, dw, axis=1)
   return dlogits.astype(logits.dtype), dx.astype(x.dtype)
 
 
@@ -218,7 +222,7 @@ def _soft_combine_bwd(res, dy):
   doutputs = jnp.einsum('gsn,gsd->gnd', w.astype(dy.dtype), dy)
   dw = jnp.einsum('gsd,gnd->gsn', dy, outputs,
                   preferred_element_type=jnp.float32)
-  dlogits = w * (dw - jnp.sum(w * dw, axis=2, keepdims=True))
+  dlogits = _softmax_vjp(w, dw, axis=2)
   return dlogits.astype(logits.dtype), doutputs.astype(outputs.dtype)
 
 
