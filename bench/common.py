@@ -139,6 +139,8 @@ def machine_info(peak: dict[str, float] | None = None) -> dict[str, Any]:
       'jax': jax.__version__,
       'flax': flax.__version__,
       'python': platform.python_version(),
+      # vmoe.cpu_allocator sets these for `python -m bench`.
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '(glibc defaults)'),
   }
   try:
     info['load_avg_1m'] = round(os.getloadavg()[0], 2)
@@ -158,6 +160,8 @@ def machine_line(info: dict[str, Any]) -> str:
   if 'matmul_peak_f32_gflops' in info:
     s += (f"; measured matmul peak f32 {info['matmul_peak_f32_gflops']:.0f} "
           f"GFLOP/s, bf16 {info['matmul_peak_bf16_gflops']:.0f} GFLOP/s")
+  if info.get('glibc_tunables'):
+    s += f"; GLIBC_TUNABLES {info['glibc_tunables']}"
   if 'load_avg_1m' in info:
     s += f"; load average at start {info['load_avg_1m']}"
   return s + '.'

@@ -110,7 +110,7 @@ def test_buffers_match_einsum(kind, kw):
   x, w, _, _ = inputs(1)
   kw = dict(kw)
   skew = kw.pop('skew', 0.0)
-  out = jax.random.normal(jax.random.key(3), (G, E, 100, D))
+  out = jax.random.normal(jax.random.key(3), (E, G, 100, D))  # [e, g, c, d]
 
   @fast_jit
   def both(x, w, out):

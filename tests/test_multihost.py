@@ -90,6 +90,14 @@ def test_two_processes_match_one_process(digits_data_dir, tmp_path):
   # A single process (one device here) restores the two-process checkpoint
   # onto its own mesh, as a resumed run would.
   params2, params1 = (_restore_here(config, w) for w in (work2, work1))
+  # The key bias (qkv_bias[1]) has an identically zero gradient (softmax is
+  # shift invariant), so Adam turns the rounding noise of the two reduction
+  # orders into updates of up to the learning rate: compare it to that bound.
+  for p in (params2, params1):
+    for block in p['blocks'].values():
+      key_bias = block['attn']['qkv_bias'][1]
+      assert np.abs(key_bias).max() <= 8 * 3e-3  # 4 steps, lr 3e-3
+      block['attn']['qkv_bias'] = block['attn']['qkv_bias'][::2]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                params2, params1)
 

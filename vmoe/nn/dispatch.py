@@ -2,6 +2,10 @@
 
 Strategies (identical results for the same decision, up to float rounding):
 
+Expert buffers are expert-major, [e, g, c, d]: every expert's rows are
+contiguous, so the experts run as one batched matmul on [e, g*c, d] without a
+transpose, and expert parallelism splits the leading axis.
+
   * 'einsum': the GShard / V-MoE one-hot contractions with the dense
     [g, s, e, c] dispatch and combine tensors. O(g*s*e*c*d) time and
     O(g*s*e*c) memory; the reference for tests.
@@ -15,7 +19,7 @@ Strategies (identical results for the same decision, up to float rounding):
     recomputes the weights from the logits, so the only [g, s, n] tensor kept
     for the backward pass is the logits.
   * 'dropless': (token, choice) pairs sorted by expert and fed to grouped
-    matmuls (`jax.lax.ragged_dot`), no [g, e, c, d] buffers. Slow on CPU, where
+    matmuls (`jax.lax.ragged_dot`), no [e, g, c, d] buffers. Slow on CPU, where
     ragged_dot costs time proportional to the number of experts.
 
 Axis letters: g groups, s tokens per group, e experts, c capacity, d model
@@ -34,7 +38,7 @@ from vmoe.nn import routing as rt
 Array = jax.Array
 METHODS = ('indices', 'einsum', 'dropless')
 
-# expert_fn: [g, e, c, d] -> [g, e, c, d].
+# expert_fn: [e, g, c, d] -> [e, g, c, d].
 ExpertFn = Callable[[Array], Array]
 # ragged_fn: (x_sorted [m, d], group_sizes [e], expert_id [m]) -> [m, d].
 RaggedFn = Callable[[Array, Array, Array], Array]
@@ -48,6 +52,11 @@ def _check_method(method: str):
 def _group_offsets(g: int, stride: int) -> Array:
   """[g, 1, 1] offsets g_i * stride, to turn per-group into global indices."""
   return (jnp.arange(g, dtype=jnp.int32) * stride)[:, None, None]
+
+
+def _expert_major(index: Array) -> Array:
+  """[g, e, c] per-slot values -> [e, g, c] (the buffer order)."""
+  return jnp.swapaxes(index, 0, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -83,25 +92,28 @@ def _gather_rows(table: Array, index: Array) -> Array:
 
 
 class _TokenChoiceMaps(NamedTuple):
-  """Global row indices between tokens [g*s], pairs [g*s*k], slots [g*e*c].
+  """Global row indices between tokens [g*s], pairs [g*s*k], slots [e*g*c].
 
+  Slot rows are numbered in buffer order, (e_i * g + g_i) * c + position.
   Out-of-range values (the table size) mark empty slots / dropped pairs; the
   gathers return zero rows for them.
   """
   pair_slot: Array   # [g, s, k] slot row of each pair
-  slot_token: Array  # [g, e, c] token row in each slot
-  slot_pair: Array   # [g, e, c] pair row in each slot
+  slot_token: Array  # [e, g, c] token row in each slot
+  slot_pair: Array   # [e, g, c] pair row in each slot
 
   @classmethod
   def build(cls, r: rt.TokenChoiceRouting) -> '_TokenChoiceMaps':
     g, s, k = r.expert_index.shape
-    n = r.num_experts * r.capacity
-    slot = token_choice_slot_of_pair(r)
-    pair_slot = jnp.where(r.valid, slot + _group_offsets(g, n), g * n)
-    pair = token_choice_pair_of_slot(r)
+    e, c = r.num_experts, r.capacity
+    gi = jnp.arange(g, dtype=jnp.int32)[:, None, None]
+    row = (r.expert_index * g + gi) * c + r.position
+    pair_slot = jnp.where(r.valid, row, e * g * c)
+    pair = _expert_major(token_choice_pair_of_slot(r))
     full = pair < s * k
-    slot_pair = jnp.where(full, pair + _group_offsets(g, s * k), g * s * k)
-    slot_token = jnp.where(full, pair // k + _group_offsets(g, s), g * s)
+    offsets = jnp.arange(g, dtype=jnp.int32)[None, :, None]
+    slot_pair = jnp.where(full, pair + offsets * (s * k), g * s * k)
+    slot_token = jnp.where(full, pair // k + offsets * s, g * s)
     return cls(pair_slot, slot_token, slot_pair)
 
 
@@ -112,7 +124,7 @@ class _TokenChoiceMaps(NamedTuple):
 
 @jax.custom_vjp
 def _tc_dispatch(x: Array, slot_token: Array, pair_slot: Array) -> Array:
-  """x [g*s, d] -> buffers [g, e, c, d]."""
+  """x [g*s, d] -> buffers [e, g, c, d]."""
   return _gather_rows(x, slot_token)
 
 
@@ -135,7 +147,7 @@ _tc_dispatch.defvjp(_tc_dispatch_fwd, _tc_dispatch_bwd)
 @jax.custom_vjp
 def _tc_combine(outputs: Array, weight: Array, pair_slot: Array,
                 slot_token: Array, slot_pair: Array) -> Array:
-  """outputs [g*e*c, d], weight [g, s, k] -> y [g, s, d]."""
+  """outputs [e*g*c, d], weight [g, s, k] -> y [g, s, d]."""
   picked = _gather_rows(outputs, pair_slot)  # [g, s, k, d]
   return jnp.einsum('gskd,gsk->gsd', picked, weight)
 
@@ -235,7 +247,7 @@ soft_combine.defvjp(_soft_combine_fwd, _soft_combine_bwd)
 
 
 def dispatch(r: rt.Routing, x: Array, method: str = 'indices') -> Array:
-  """Tokens [g, s, d] -> expert buffers [g, e, c, d] (empty slots are zero).
+  """Tokens [g, s, d] -> expert buffers [e, g, c, d] (empty slots are zero).
 
   For 'dropless' this is the 'indices' layout (dropless only differs in
   `moe_apply`, where it skips the buffers).
@@ -244,41 +256,42 @@ def dispatch(r: rt.Routing, x: Array, method: str = 'indices') -> Array:
   g, s, d = x.shape
   if method == 'einsum':
     mask = rt.dense_dispatch(r).astype(x.dtype)
-    return jnp.einsum('gsec,gsd->gecd', mask, x)
+    return jnp.einsum('gsec,gsd->egcd', mask, x)
   if isinstance(r, rt.SoftRouting):
-    e = r.num_experts
-    return soft_dispatch(r.logits, x).reshape(g, e, -1, d)
+    slots = soft_dispatch(r.logits, x).reshape(g, r.num_experts, -1, d)
+    return jnp.swapaxes(slots, 0, 1)
   if isinstance(r, rt.TokenChoiceRouting):
     maps = _TokenChoiceMaps.build(r)
     return _tc_dispatch(x.reshape(g * s, d), maps.slot_token, maps.pair_slot)
   if isinstance(r, rt.ExpertChoiceRouting):
-    index = r.token_index + _group_offsets(g, s)
+    index = _expert_major(r.token_index + _group_offsets(g, s))
     return _gather_rows(x.reshape(g * s, d), index)
   raise TypeError(f'unknown routing {type(r)}')
 
 
 def combine(r: rt.Routing, outputs: Array, method: str = 'indices') -> Array:
-  """Expert outputs [g, e, c, d] -> tokens [g, s, d], weighted by the gates.
+  """Expert outputs [e, g, c, d] -> tokens [g, s, d], weighted by the gates.
 
   Dropped tokens get exactly zero.
   """
   _check_method(method)
-  g, e, c, d = outputs.shape
+  e, g, c, d = outputs.shape
   if method == 'einsum':
     weights = rt.dense_combine(r).astype(outputs.dtype)
-    return jnp.einsum('gsec,gecd->gsd', weights, outputs)
+    return jnp.einsum('gsec,egcd->gsd', weights, outputs)
   if isinstance(r, rt.SoftRouting):
-    return soft_combine(r.logits, outputs.reshape(g, e * c, d))
+    slots = jnp.swapaxes(outputs, 0, 1).reshape(g, e * c, d)
+    return soft_combine(r.logits, slots)
   if isinstance(r, rt.TokenChoiceRouting):
     maps = _TokenChoiceMaps.build(r)
     w = r.combine_weight.astype(outputs.dtype)
-    return _tc_combine(outputs.reshape(g * e * c, d), w, maps.pair_slot,
+    return _tc_combine(outputs.reshape(e * g * c, d), w, maps.pair_slot,
                        maps.slot_token, maps.slot_pair)
   if isinstance(r, rt.ExpertChoiceRouting):
     # A token may sit in several experts' buffers: accumulate (scatter-add).
     s = r.num_tokens
-    index = r.token_index + _group_offsets(g, s)
-    w = r.combine_weight.astype(outputs.dtype)[..., None]
+    index = _expert_major(r.token_index + _group_offsets(g, s))
+    w = _expert_major(r.combine_weight).astype(outputs.dtype)[..., None]
     y = jnp.zeros((g * s, d), outputs.dtype)
     y = y.at[index.reshape(-1)].add((outputs * w).reshape(-1, d))
     return y.reshape(g, s, d)
@@ -315,12 +328,12 @@ def _dropless_expert_choice(r: rt.ExpertChoiceRouting, x: Array,
   g, s, d = x.shape
   e, c = r.num_experts, r.capacity
   # Expert-major rows: [e, g, c] are already sorted by expert.
-  index = jnp.swapaxes(r.token_index + _group_offsets(g, s), 0, 1)
+  index = _expert_major(r.token_index + _group_offsets(g, s))
   xs = x.reshape(g * s, d)[index.reshape(-1)]
   sizes = jnp.full((e,), g * c, jnp.int32)
   expert_id = jnp.repeat(jnp.arange(e, dtype=jnp.int32), g * c)
   ys = ragged_fn(xs, sizes, expert_id).reshape(e, g, c, d)
-  return combine(r, jnp.swapaxes(ys, 0, 1), 'indices')
+  return combine(r, ys, 'indices')
 
 
 # ----------------------------------------------------------------------------
@@ -336,7 +349,7 @@ def moe_apply(r: rt.Routing, x: Array, expert_fn: ExpertFn, *,
   Args:
     r: routing decision for x.
     x: [g, s, d] tokens.
-    expert_fn: batched experts on buffers, [g, e, c, d] -> [g, e, c, d].
+    expert_fn: batched experts on buffers, [e, g, c, d] -> [e, g, c, d].
     method: 'indices' | 'einsum' | 'dropless'.
     ragged_fn: experts on expert-sorted rows, needed for 'dropless' with hard
       routers (Soft MoE has no sparse layout; it uses 'indices').

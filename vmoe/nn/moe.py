@@ -31,7 +31,9 @@ import ml_collections
 from flax import nnx
 
 from vmoe import sharding
+from vmoe.nn import batched_mlp
 from vmoe.nn import dispatch as dp
+from vmoe.nn import layers
 from vmoe.nn import routing as rt
 from vmoe.nn.layers import AUX_LOSS_KEY, Dense, DType, param
 
@@ -178,45 +180,6 @@ def _num_shards(placement) -> int:
 # ----------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def expert_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """Batched per-expert matmul: [e, t, i] x [e, i, o] -> [e, t, o].
-
-  Same as einsum('eti,eio->eto'); the custom VJP only fixes the layout of the
-  input gradient: it multiplies by an explicitly transposed weight [e, o, i]
-  instead of contracting the weight's minor axis, a form XLA:CPU runs about
-  2x slower for batched matmuls (measured at ViT-S sizes).
-  """
-  return jnp.einsum('eti,eio->eto', x, w)
-
-
-def _expert_matmul_fwd(x, w):
-  return expert_matmul(x, w), (x, w)
-
-
-def _expert_matmul_bwd(res, dy):
-  x, w = res
-  # The barrier keeps XLA from folding the transpose back into the dot.
-  wt = jax.lax.optimization_barrier(jnp.swapaxes(w, 1, 2))
-  dx = jnp.einsum('eto,eoi->eti', dy, wt)
-  dw = jnp.einsum('eti,eto->eio', x, dy)
-  # Inside shard_map the weights may be replicated over axes (e.g. 'data')
-  # along which the tokens vary: their gradient is the sum over those axes.
-  extra = tuple(sorted(_vma(dw) - _vma(w)))
-  if extra:
-    dw = jax.lax.psum(dw, extra)
-  return dx, dw
-
-
-def _vma(x: jax.Array) -> frozenset:
-  """Mesh axes along which x varies inside shard_map (empty outside)."""
-  axis_type = getattr(jax.typeof(x), 'manual_axis_type', None)
-  return frozenset(getattr(axis_type, 'varying', ()) or ())
-
-
-expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)
-
-
 class Experts(nnx.Module):
   """e expert MLPs as one batched MLP: Dense(d->h) -> GELU -> dropout -> Dense.
 
@@ -247,22 +210,12 @@ class Experts(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Expert buffers [g, e, c, d] -> [g, e, c, d], one contraction per matmul.
-
-    The buffers are viewed expert-major, [e, g*c, d], so each contraction is a
-    plain batched matmul with the batch (expert) axis leading; with the
-    expert axis in the middle XLA:CPU re-lays out the [.., h] activations for
-    the weight gradients (measured 1.1-1.7x slower than a dense MLP of equal
-    FLOPs at ViT-S sizes).
-    """
+    """Expert buffers [e, g, c, d] -> [e, g, c, d] (see `apply_experts`)."""
     dtype = self.dtype or x.dtype
-    key = (rngs.dropout() if train and self.dropout_rate > 0 and rngs
-           is not None else None)
-    if train and self.dropout_rate > 0 and key is None:
-      raise ValueError('dropout with train=True needs rngs with a dropout '
-                       'stream')
     return apply_experts(self.weights(dtype), x.astype(dtype),
-                         dropout_rate=self.dropout_rate, dropout_key=key)
+                         dropout_rate=self.dropout_rate,
+                         dropout_key=layers.dropout_key(
+                             self.dropout_rate, train, rngs))
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array, expert_id: jax.Array,
              *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -273,41 +226,31 @@ class Experts(nnx.Module):
     expert_id [m] is the expert of each row (used for the biases).
     """
     dtype = self.dtype or x.dtype
-    key = (rngs.dropout() if train and self.dropout_rate > 0 and rngs
-           is not None else None)
     return apply_experts_ragged(self.weights(dtype), x.astype(dtype),
                                 group_sizes, expert_id,
                                 dropout_rate=self.dropout_rate,
-                                dropout_key=key)
-
-
-def _dropout(h: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout with an explicit key (None: identity)."""
-  if key is None or rate == 0.0:
-    return h
-  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
-  return jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h))
+                                dropout_key=layers.dropout_key(
+                                    self.dropout_rate, train, rngs))
 
 
 def apply_experts(weights: tuple[jax.Array, ...], x: jax.Array, *,
                   dropout_rate: float = 0.0,
                   dropout_key: jax.Array | None = None) -> jax.Array:
-  """Expert MLPs on buffers: x [g, e, c, d] -> [g, e, c, d].
+  """Expert MLPs on buffers: x [e, g, c, d] -> [e, g, c, d].
+
+  Each expert's g*c rows are contiguous, so this is one `batched_mlp.mlp` on
+  [e, g*c, d], the same code as a dense MlpBlock. Inside the expert-parallel
+  shard_map its VJP sums the weight gradients over the mesh axes along which
+  the rows vary.
 
   weights: `Experts.weights()` of the e experts in x (all experts, or the
   local ones inside the expert-parallel shard_map).
   """
-  g, e, c, d = x.shape
-  x = jnp.swapaxes(x, 0, 1).reshape(e, g * c, d)
-  k1, b1, k2, b2 = weights
-  h = expert_matmul(x, k1) + b1[:, None]
-  h = nnx.gelu(h, approximate=False)
-  # Materialise the activations once: otherwise XLA may fuse the GELU into
-  # the transposes feeding the weight-gradient matmuls and recompute it.
-  h = jax.lax.optimization_barrier(h)
-  h = _dropout(h, dropout_rate, dropout_key)
-  y = expert_matmul(h, k2) + b2[:, None]
-  return jnp.swapaxes(y.reshape(e, g, c, d), 0, 1)
+  e, g, c, d = x.shape
+  keep = layers.dropout_multiplier(dropout_rate, dropout_key,
+                                   (e, g * c, weights[0].shape[-1]), x.dtype)
+  y = batched_mlp.mlp(x.reshape(e, g * c, d), *weights, keep)
+  return y.reshape(e, g, c, d)
 
 
 def apply_experts_ragged(weights: tuple[jax.Array, ...], x: jax.Array,
@@ -319,7 +262,9 @@ def apply_experts_ragged(weights: tuple[jax.Array, ...], x: jax.Array,
   eid = jnp.clip(expert_id, 0, k1.shape[0] - 1)
   h = jax.lax.ragged_dot(x, k1, group_sizes) + b1[eid]
   h = nnx.gelu(h, approximate=False)
-  h = _dropout(h, dropout_rate, dropout_key)
+  keep = layers.dropout_multiplier(dropout_rate, dropout_key, h.shape, h.dtype)
+  if keep is not None:
+    h = h * keep
   y = jax.lax.ragged_dot(h, k2, group_sizes)
   return y + b2[eid]
 
@@ -504,8 +449,8 @@ class MoeLayer(nnx.Module):
 
     Runs under `jax.shard_map` on the context mesh. Each device holds
     g_l = g / (data * expert) groups and routes them locally (routing is per
-    group); its buffers [g_l, e, c, d] are exchanged with one all-to-all over
-    the 'expert' axis (X devices) into [X * g_l, e / X, c, d]: the tokens of X
+    group); its buffers [e, g_l, c, d] are exchanged with one all-to-all over
+    the 'expert' axis (X devices) into [e / X, X * g_l, c, d]: the tokens of X
     devices' groups for the e / X experts stored on this device. After the
     expert MLPs a second all-to-all sends the outputs back, and each device
     combines its own groups. With X = 1 this is plain data parallelism.
@@ -547,14 +492,14 @@ class MoeLayer(nnx.Module):
       else:
         key = None
 
-      def expert_fn(buffers):  # [g_l, e, c, d]
-        if num_shards > 1:
-          buffers = jax.lax.all_to_all(buffers, 'expert', split_axis=1,
-                                       concat_axis=0, tiled=True)
+      def expert_fn(buffers):  # [e, g_l, c, d]
+        if num_shards > 1:  # -> [e / X, X * g_l, c, d]
+          buffers = jax.lax.all_to_all(buffers, 'expert', split_axis=0,
+                                       concat_axis=1, tiled=True)
         y = apply_experts(weights, buffers, dropout_rate=rate,
                           dropout_key=key)
         if num_shards > 1:
-          y = jax.lax.all_to_all(y, 'expert', split_axis=0, concat_axis=1,
+          y = jax.lax.all_to_all(y, 'expert', split_axis=1, concat_axis=0,
                                  tiled=True)
         return y
 

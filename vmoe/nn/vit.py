@@ -149,9 +149,11 @@ class EncoderBlock(nnx.Module):
     self.drop_path_rate = drop_path_rate
 
   def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None):
+    x = layers.materialize_cotangent(x)
     y = dropout(self.attn(self.ln1(x)), self.dropout_rate, train=train,
                 rngs=rngs)
     x = x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    x = layers.materialize_cotangent(x)
     y, metrics = self.mlp(self.ln2(x), train=train, rngs=rngs)
     y = dropout(y, self.dropout_rate, train=train, rngs=rngs)
     x = x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
