@@ -314,7 +314,7 @@ def test_token_choice_matches_reference(k, bpr, renormalize, cf):
   y, metrics = layer_fn(layer)[1](x)
   c = math.ceil(k * s * cf / e)
   assert float(metrics['capacity']) == c
-  w = np.asarray(layer.router.dense.kernel[...], np.float64)
+  w = np.asarray(layer.router.kernel[...], np.float64).T   # [d, e]
   y_ref = reference_token_choice(np.asarray(x, np.float64), w,
                                  np_params(layer), k, c, bpr, renormalize)
   np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
@@ -327,7 +327,7 @@ def test_expert_choice_matches_reference():
   x = jax.random.normal(jax.random.key(1), (3, s, D))
   y, metrics = layer_fn(layer)[1](x)
   assert float(metrics['capacity']) == 3        # ceil(8 * 1.5 / 4)
-  w = np.asarray(layer.router.dense.kernel[...], np.float64)
+  w = np.asarray(layer.router.kernel[...], np.float64).T   # [d, e]
   y_ref = reference_expert_choice(np.asarray(x, np.float64), w,
                                   np_params(layer), 3)
   np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)

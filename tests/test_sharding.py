@@ -96,7 +96,7 @@ def test_default_rules_shard_experts_only():
   experts = specs['blocks'][1]['mlp']['experts']
   assert experts['kernel1'] == P('expert')
   assert experts['bias2'] == P('expert')
-  assert specs['blocks'][1]['mlp']['router']['dense']['kernel'] == P()
+  assert specs['blocks'][1]['mlp']['router']['kernel'] == P()
   assert specs['blocks'][0]['mlp']['fc1']['kernel'] == P()
 
 

@@ -35,7 +35,7 @@ from vmoe.nn import batched_mlp
 from vmoe.nn import dispatch as dp
 from vmoe.nn import layers
 from vmoe.nn import routing as rt
-from vmoe.nn.layers import AUX_LOSS_KEY, Dense, DType, param
+from vmoe.nn.layers import AUX_LOSS_KEY, DType, param
 
 ROUTERS = ('token_choice', 'expert_choice', 'soft')
 LOSS_KEYS = ('importance_loss', 'load_loss', 'balance_loss', 'z_loss')
@@ -270,21 +270,24 @@ def apply_experts_ragged(weights: tuple[jax.Array, ...], x: jax.Array,
 
 
 class TopRouter(nnx.Module):
-  """Gate projection for token and expert choice: logits = x @ W, W [d, e].
+  """Gate projection for token and expert choice: logits = x @ W^T, W [e, d].
 
-  No bias, float32 logits whatever the activation dtype (V-MoE).
+  No bias, float32 logits whatever the activation dtype (V-MoE). The kernel
+  is stored expert-major like every expert parameter; on CPU this layout also
+  makes the projection and its gradients about 2x faster than [d, e] (the
+  skinny [tokens, e] matmuls contract the long axis of both operands).
   """
 
   def __init__(self, dim: int, num_experts: int, *,
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
-    self.dense = Dense(dim, num_experts, axes=('embed', 'expert'),
-                       use_bias=False,
-                       kernel_init=nnx.initializers.lecun_normal(),
-                       dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+    self.kernel = param(rngs, init, (num_experts, dim), ('expert', 'embed'),
+                        param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[g, s, d] -> [g, s, e] float32 logits."""
-    return self.dense(x)
+    return jnp.einsum('gsd,ed->gse', x.astype(jnp.float32),
+                      self.kernel[...].astype(jnp.float32))
 
 
 class SoftRouter(nnx.Module):
