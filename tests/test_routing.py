@@ -287,3 +287,22 @@ def test_top_k_matches_lax_top_k(k):
   g_want = jax.grad(lambda x: jnp.sum(jax.lax.top_k(x, k)[0] ** 2))(x)
   g_got = jax.grad(lambda x: jnp.sum(rt.top_k(x, k)[0] ** 2))(x)
   np.testing.assert_allclose(g_got, g_want)
+
+
+def test_losses_reuse_the_ranking_of_the_decision():
+  """load and balance losses with the decision's ranking equal the search."""
+  logits = jax.random.normal(jax.random.key(0), (3, 10, 6))
+  noisy = rt.add_gating_noise(logits, 0.5, jax.random.key(1))
+  r = rt.token_choice(noisy, num_selected=2, capacity=4)
+  gates = jax.nn.softmax(noisy, axis=-1)
+
+  def load(logits, noisy, selected):
+    return rt.load_loss(logits, noisy, 0.5, 2, selected=selected)
+
+  want, got = (jax.value_and_grad(load, argnums=(0, 1))(logits, noisy, sel)
+               for sel in (None, r.expert_index))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(rt.balance_loss(gates, r.expert_index[..., 0]),
+                             rt.balance_loss(gates), rtol=1e-6)

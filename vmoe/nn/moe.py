@@ -536,12 +536,17 @@ class MoeLayer(nnx.Module):
     gates = jax.nn.softmax(logits, axis=-1)
     gates_noisy = jax.nn.softmax(noisy, axis=-1)
     zero = jnp.zeros((), jnp.float32)
+    # Token choice already ranked the experts of every token: reuse that.
+    ranked = (r.expert_index if isinstance(r, rt.TokenChoiceRouting)
+              else None)
     losses = dict(
         importance_loss=rt.importance_loss(gates),
         # Defined only with noise; V-MoE reports it in training only.
-        load_loss=(rt.load_loss(logits, noisy, std, self.k) if std > 0
-                   and self.router_type == 'token_choice' else zero),
-        balance_loss=rt.balance_loss(gates_noisy),
+        load_loss=(rt.load_loss(logits, noisy, std, self.k, selected=ranked)
+                   if std > 0 and self.router_type == 'token_choice'
+                   else zero),
+        balance_loss=rt.balance_loss(
+            gates_noisy, None if ranked is None else ranked[..., 0]),
         z_loss=rt.z_loss(logits))
     applicable = (LOSS_KEYS if self.router_type == 'token_choice'
                   else ('z_loss',))

@@ -419,7 +419,7 @@ def importance_loss(gates: Array) -> Array:
 
 
 def load_loss(logits: Array, noisy_logits: Array, noise_std: float,
-              num_selected: int) -> Array:
+              num_selected: int, selected: Array | None = None) -> Array:
   """V-MoE load loss from the noisy-gating estimate (Shazeer et al. 2017).
 
   For each token the threshold is its k-th largest noisy logit. The
@@ -434,6 +434,9 @@ def load_loss(logits: Array, noisy_logits: Array, noise_std: float,
     noisy_logits: [g, s, e] logits + noise (those used for routing).
     noise_std: standard deviation of the noise.
     num_selected: k.
+    selected: optional [g, s, >=k] indices of the k largest noisy logits in
+      descending order (a token-choice decision's `expert_index`), to reuse
+      instead of searching them again.
   Returns:
     scalar.
   """
@@ -441,13 +444,17 @@ def load_loss(logits: Array, noisy_logits: Array, noise_std: float,
   noisy_logits = noisy_logits.astype(jnp.float32)
   # The threshold is a top-k value, so its gradient flows into the noisy
   # logits at the k-th expert (as in the V-MoE reference).
-  threshold = top_k(noisy_logits, num_selected)[0][..., -1]
+  if selected is None:
+    threshold = top_k(noisy_logits, num_selected)[0][..., -1]
+  else:
+    kth = selected[..., num_selected - 1:num_selected]
+    threshold = jnp.take_along_axis(noisy_logits, kth, axis=-1)[..., 0]
   z = (threshold[..., None] - logits) / noise_std
   p = 1.0 - jax.scipy.stats.norm.cdf(z)
   return jnp.mean(_cv_squared(jnp.mean(p, axis=1)))
 
 
-def balance_loss(gates: Array) -> Array:
+def balance_loss(gates: Array, top1: Array | None = None) -> Array:
   """GShard / Switch load-balancing loss: e * sum_e f_e * P_e.
 
   f_e is the fraction of tokens whose top-1 expert is e, P_e the mean gate of
@@ -456,11 +463,15 @@ def balance_loss(gates: Array) -> Array:
 
   Args:
     gates: [g, s, e] gates used for routing.
+    top1: optional [g, s] index of each token's largest gate (a token-choice
+      decision's first choice), to reuse instead of searching it again.
   Returns:
     scalar.
   """
   e = gates.shape[-1]
-  frac = jnp.mean(jax.nn.one_hot(jnp.argmax(gates, axis=-1), e), axis=1)
+  if top1 is None:
+    top1 = top_k(gates, 1)[1][..., 0]
+  frac = jnp.mean(jax.nn.one_hot(top1, e), axis=1)
   prob = jnp.mean(gates, axis=1)
   return jnp.mean(e * jnp.sum(frac * prob, axis=-1))
 
