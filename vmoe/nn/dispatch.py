@@ -149,7 +149,8 @@ def _tc_combine(outputs: Array, weight: Array, pair_slot: Array,
                 slot_token: Array, slot_pair: Array) -> Array:
   """outputs [e*g*c, d], weight [g, s, k] -> y [g, s, d]."""
   picked = _gather_rows(outputs, pair_slot)  # [g, s, k, d]
-  return jnp.einsum('gskd,gsk->gsd', picked, weight)
+  # A weighted sum over k (not a dot): XLA fuses it with the gather.
+  return jnp.sum(picked * weight[..., None], axis=2)
 
 
 def _tc_combine_fwd(outputs, weight, pair_slot, slot_token, slot_pair):

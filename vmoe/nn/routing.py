@@ -274,9 +274,11 @@ def token_choice(logits: Array, *, num_selected: int, capacity: int,
   position = jnp.swapaxes(position.reshape(g, k, s), 1, 2)      # [g, s, k]
 
   if batch_priority:
-    # Back from serving order to sequence order.
-    inverse = jnp.argsort(order, axis=-1)
-    position = jnp.take_along_axis(position, inverse[..., None], axis=1)
+    # Back from serving order to sequence order: the i-th served token is
+    # token order[i] (a scatter; inverting the permutation would sort again).
+    gi = jnp.arange(g)[:, None]
+    position = jnp.zeros_like(position).at[gi, order].set(
+        position, unique_indices=True)
 
   valid = position < capacity
   return TokenChoiceRouting(

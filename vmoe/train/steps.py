@@ -79,18 +79,24 @@ def make_train_step(model_fn: ModelFn, tx: optax.GradientTransformation, *,
 
     (loss, (ce, logits, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
     grad_norm = optax.global_norm(grads)
-
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ok = finite & (state['nonfinite_step'] < 0)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(ok, n, o), new, old)
+
+    def update(params_and_opt):
+      params, opt_state = params_and_opt
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A conditional, not a select of new and old values: the update then
+    # runs in place on the donated buffers (a select keeps both alive and
+    # made XLA copy the optimizer state: 2.3x slower for 240M parameters).
+    params, opt_state = jax.lax.cond(
+        ok, update, lambda p_o: p_o, (state['params'], state['opt_state']))
     new_state = {
         'step': step + 1,
-        'params': keep(params, state['params']),
-        'opt_state': keep(opt_state, state['opt_state']),
+        'params': params,
+        'opt_state': opt_state,
         'nonfinite_step': jnp.where(
             finite | (state['nonfinite_step'] >= 0), state['nonfinite_step'],
             step).astype(jnp.int32),
