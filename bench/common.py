@@ -61,18 +61,26 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
   return {name: reduce(ts) for name, ts in times.items()}
 
 
+def program_memory(compiled) -> dict[str, int]:
+  """{'temp', 'peak'} bytes of a compiled program (`memory_analysis()`).
+
+  peak = arguments + outputs + scratch: an upper bound of what the program
+  holds at once (donated or aliased buffers counted once).
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return {'temp': 0, 'peak': 0}
+  temp = int(getattr(m, 'temp_size_in_bytes', 0))
+  total = (temp + int(getattr(m, 'argument_size_in_bytes', 0))
+           + int(getattr(m, 'output_size_in_bytes', 0))
+           - int(getattr(m, 'alias_size_in_bytes', 0)))
+  return {'temp': temp, 'peak': total}
+
+
 def compiled_temp_bytes(jitted, *args) -> int:
   """Temp (scratch) bytes of the compiled program, from memory_analysis()."""
   m = jitted.lower(*args).compile().memory_analysis()
   return int(getattr(m, 'temp_size_in_bytes', 0)) if m is not None else 0
-
-
-def compiled_flops(jitted, *args) -> float:
-  """FLOPs of the compiled program according to XLA's cost_analysis()."""
-  cost = jitted.lower(*args).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', float('nan')))
 
 
 def peak_rss_mb() -> float:

@@ -1,35 +1,41 @@
 """MoE layer vs dense MLP: time, FLOP rate and memory on the local backend.
 
-    python -m bench.moe_layer --quick    # target rows at 6304 tokens (~1 min)
-    python -m bench.moe_layer            # full sweep (~6 min on 2 cores)
+    python -m bench.moe_layer --quick    # the target rows (~1 min on 2 cores)
+    python -m bench.moe_layer            # every section (~5 min)
 
 Every program is compiled ahead of time, warmed up, then timed as the median
 of repeats interleaved across all programs of a section in one process (so
 background noise hits every variant alike). 'fwd' times y = layer(x);
-'fwd+bwd' times the gradient of sum(y * t) + auxiliary loss w.r.t. all
-parameters and x. 'temp MB' is the compiled fwd+bwd program's
-`memory_analysis()` scratch size.
+'fwd+bwd' times the gradient of |y - t|^2 / 2 + auxiliary loss w.r.t. all
+parameters and x (the output gradient depends on y, as inside a network: with
+a loss linear in y, XLA would overlap the backward matmuls with the forward
+ones, which no real model allows).
 
 Each MoE row is also given as a ratio to a dense MLP of equal active FLOPs: the
 same MLP (d, h) run on as many tokens as the MoE has expert slots (g * e * c;
-g * e * p for Soft MoE; k * tokens for dropless). Router, dispatch and combine
-(and for Soft MoE its three [s, n, d] contractions) are the overhead the ratio
-measures. 'GFLOP/s' is the active (expert MLP) FLOPs per second, '% peak' its
-share of the f32 matmul peak measured in the same run.
+g * e * p for Soft MoE; k * tokens for dropless), timed in the same section.
+Router, dispatch and combine (and for Soft MoE its three [s, n, d]
+contractions) are the overhead the ratio measures. 'GFLOP/s' is the active
+(expert MLP) fwd+bwd FLOPs per second, '% peak' its share of the f32 matmul
+peak measured in the same run. Memory per row, from the compiled fwd+bwd
+program's `memory_analysis()`: 'temp MB' (scratch) and 'peak MB' (arguments +
+outputs + scratch, an upper bound of what the program holds at once); each
+section also reports the process's peak RSS.
 
-Sections (full mode; --quick runs five rows of the first one on half the
-batch, 32 images):
-  targets  ViT-S dims, 12608 tokens (64 images of 197), capacity factor 1;
-           8 and 32 experts, groups of 1 and 4 images.
-  methods  every router x dispatch strategy, 8 experts, 6304 tokens.
-  capacity capacity factors 1.25 and 2.0 (1.0 is in targets), 6304 tokens.
-  vit_b    ViT-B dims (d=768, h=3072), 3152 tokens.
-  memory   temp memory of routing + dispatch + combine vs tokens and group
-           (compiled, not run).
-The number of experts (8 .. 256, groups of 16 images) is swept by
-`bench.scaling`.
-There is no Pallas dispatch among `vmoe.nn.dispatch.METHODS` yet; Pallas runs
-on CPU only in interpret mode, which says nothing about speed.
+Sections (ViT-S dims d=384, h=1536 unless noted; groups in images of 197
+tokens):
+  targets   12608 tokens (64 images): the rows of the README targets.
+  methods   every router x dispatch strategy, 8 experts, 3152 tokens.
+  experts   token choice over 8, 32, 128, 256 experts x groups of 1, 4, 16
+            images, 3152 tokens.
+  capacity  capacity factors 1.25 and 2.0 (token choice with both
+            dispatches, expert choice), 32 experts, 3152 tokens.
+  vit_b     ViT-B dims (d=768, h=3072), 3152 tokens.
+  memory    scratch memory of routing + dispatch + combine against tokens and
+            group size (compiled, not run).
+The cost against the number of experts at fixed active compute is
+`bench.scaling`. There is no Pallas dispatch among `vmoe.nn.dispatch.METHODS`;
+on CPU Pallas runs only in interpret mode, which says nothing about speed.
 """
 
 from __future__ import annotations
@@ -69,12 +75,10 @@ class Case:
   @property
   def name(self) -> str:
     if self.router == 'soft':
-      r = 'soft'
-    elif self.router == 'expert_choice':
-      r = 'expert choice'
-    else:
-      r = f'token choice k={self.k}{" bpr" if self.bpr else ""}'
-    return r
+      return 'soft'
+    if self.router == 'expert_choice':
+      return 'expert choice'
+    return f'token choice k={self.k}{" bpr" if self.bpr else ""}'
 
 
 def make_layer(c: Case) -> moe.MoeLayer:
@@ -89,7 +93,11 @@ def make_layer(c: Case) -> moe.MoeLayer:
 
 
 def programs(module: nnx.Module, x: jax.Array, train_rngs: bool):
-  """AOT-compiled fwd and fwd+bwd of module on x: (fwd, bwd, args, temp)."""
+  """AOT-compiled fwd and fwd+bwd of module on x: (fwd, bwd, args, memory).
+
+  memory: {'temp': scratch bytes, 'peak': arguments + outputs + scratch} of
+  the fwd+bwd program.
+  """
   graphdef, state = nnx.split(module)
   target = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
 
@@ -100,14 +108,13 @@ def programs(module: nnx.Module, x: jax.Array, train_rngs: bool):
 
   def loss(state, x, key):
     y, metrics = apply(state, x, key)
-    return jnp.sum(y * target) + metrics.get('auxiliary_loss', 0.0)
+    return (0.5 * jnp.sum(jnp.square(y - target))
+            + metrics.get('auxiliary_loss', 0.0))
 
   args = (state, x, jax.random.key(0))
   fwd = jax.jit(lambda *a: apply(*a)[0]).lower(*args).compile()
   bwd = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
-  mem = bwd.memory_analysis()
-  temp = int(mem.temp_size_in_bytes) if mem is not None else 0
-  return fwd, bwd, args, temp
+  return fwd, bwd, args, common.program_memory(bwd)
 
 
 def slots_of(layer: moe.MoeLayer, tokens: int) -> int:
@@ -124,18 +131,15 @@ def mlp_flops(rows: int, d: int, h: int) -> float:
 
 
 def run_section(title: str, cases: list[Case], images: int, repeats: int,
-                peak: float, warmup: int = 1,
-                base_dense: bool = True) -> list[dict]:
+                peak: float, warmup: int = 1) -> list[dict]:
   """Times `cases` and their dense references interleaved; returns rows.
 
-  Each case gets a dense MLP reference on exactly its number of slots
-  (shared between cases with equal slots); `base_dense` adds one on the
-  tokens of the batch. '% peak' is relative to the larger of `peak` and a
-  3072^2 f32 matmul timed in the same round-robin.
+  Each case gets a dense MLP reference on exactly its number of slots (shared
+  between cases with equal slots). '% peak' is relative to the larger of
+  `peak` and a 3072^2 f32 matmul timed in the same round-robin.
   """
   t_start = time.perf_counter()
-  fwd_calls, bwd_calls, info, dense = {}, {}, {}, {}
-  xs = {}
+  calls, info, dense, xs = {}, {}, {}, {}
 
   def x_for(dims, n):
     if (dims, n) not in xs:
@@ -145,73 +149,59 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
     return xs[dims, n]
 
   def add(key, fwd, bwd, args):
-    fwd_calls[key] = lambda f=fwd, a=args: f(*a)
-    bwd_calls[key] = lambda b=bwd, a=args: b(*a)
+    calls['fwd', key] = lambda f=fwd, a=args: f(*a)
+    calls['bwd', key] = lambda b=bwd, a=args: b(*a)
 
   def dense_ref(dims, rows):
     key = f'dense {dims} @{rows}'
     if key not in dense:
       d, h = DIMS[dims]
-      x = x_for(dims, rows)[None]
-      f, b, a, temp = programs(MlpBlock(d, h, rngs=nnx.Rngs(0)), x, False)
+      f, b, a, mem = programs(MlpBlock(d, h, rngs=nnx.Rngs(0)),
+                              x_for(dims, rows)[None], False)
       add(key, f, b, a)
-      dense[key] = dict(rows=rows, temp=temp, dims=dims)
+      dense[key] = dict(rows=rows, dims=dims, **mem)
     return key
 
   tokens = images * SEQ
-  if base_dense:
-    for dims in sorted({c.dims for c in cases}):
-      dense_ref(dims, tokens)
   for c in cases:
     layer = make_layer(c)
     d = DIMS[c.dims][0]
-    x = x_for(c.dims, tokens).reshape(images, SEQ, d)
-    f, b, a, temp = programs(layer, x, True)
+    f, b, a, mem = programs(layer, x_for(c.dims, tokens).reshape(-1, SEQ, d),
+                            True)
     add(c, f, b, a)
     slots = slots_of(layer, tokens)
-    info[c] = dict(temp=temp, slots=slots, ref=dense_ref(c.dims, slots),
-                   capacity=layer.capacity_for(c.group * SEQ, True))
+    info[c] = dict(slots=slots, ref=dense_ref(c.dims, slots),
+                   capacity=layer.capacity_for(c.group * SEQ, True), **mem)
     del layer
-  # fwd and fwd+bwd programs of all cases and a square f32 matmul (the peak
-  # under the same load) in one round-robin.
+  # All programs and a square f32 matmul (the peak under the same load) in
+  # one round-robin.
   peak_fn, peak_flops = common.peak_call()
-  t = common.time_interleaved(
-      {**{('fwd', k): f for k, f in fwd_calls.items()},
-       **{('bwd', k): f for k, f in bwd_calls.items()},
-       ('peak', None): peak_fn}, repeats, warmup)
-  t_fwd = {k: t['fwd', k] for k in fwd_calls}
-  t_bwd = {k: t['bwd', k] for k in bwd_calls}
+  t = common.time_interleaved({**calls, ('peak', None): peak_fn}, repeats,
+                              warmup)
   peak = max(peak, peak_flops / t['peak', None] / 1e9)
 
-  rows = []
-  for key, v in dense.items():
-    d, h = DIMS[v['dims']]
-    fl = mlp_flops(v['rows'], d, h)
-    rows.append(dict(
-        section=title, layer='dense MLP', dims=f'ViT-{v["dims"]}',
-        peak_gflops=peak,
-        tokens=v['rows'], experts='', group_images='', capacity_factor='',
-        dispatch='', capacity='', slots=v['rows'],
-        fwd_ms=t_fwd[key] * 1e3, fwd_bwd_ms=t_bwd[key] * 1e3,
-        fwd_ratio=1.0, fwd_bwd_ratio=1.0,
-        gflops=3 * fl / t_bwd[key] / 1e9,
-        pct_peak=100 * 3 * fl / t_bwd[key] / 1e9 / peak,
-        temp_mb=v['temp'] / 2**20))
+  def row(key, v, **fields):
+    d, h = DIMS[fields['dims']]
+    fl = 3 * mlp_flops(v['slots'], d, h) / t['bwd', key] / 1e9
+    ref = v.get('ref', key)
+    return dict(
+        section=title, dims=f'ViT-{fields.pop("dims")}', **fields,
+        slots=v['slots'], fwd_ms=t['fwd', key] * 1e3,
+        fwd_bwd_ms=t['bwd', key] * 1e3,
+        fwd_ratio=t['fwd', key] / t['fwd', ref],
+        fwd_bwd_ratio=t['bwd', key] / t['bwd', ref],
+        gflops=fl, pct_peak=100 * fl / peak, peak_gflops=peak,
+        temp_mb=v['temp'] / 2**20, peak_mb=v['peak'] / 2**20)
+
+  rows = [row(key, dict(v, slots=v['rows']), layer='dense MLP', dims=v['dims'],
+              tokens=v['rows'])
+          for key, v in dense.items()]
   for c in cases:
     v = info[c]
-    d, h = DIMS[c.dims]
-    fl = mlp_flops(v['slots'], d, h)
-    ref = v['ref']
-    rows.append(dict(
-        section=title, layer=c.name, dims=f'ViT-{c.dims}', tokens=tokens,
-        peak_gflops=peak,
-        experts=c.e, group_images=c.group, capacity_factor=c.cf,
-        dispatch=c.method, capacity=v['capacity'], slots=v['slots'],
-        fwd_ms=t_fwd[c] * 1e3, fwd_bwd_ms=t_bwd[c] * 1e3,
-        fwd_ratio=t_fwd[c] / t_fwd[ref], fwd_bwd_ratio=t_bwd[c] / t_bwd[ref],
-        gflops=3 * fl / t_bwd[c] / 1e9,
-        pct_peak=100 * 3 * fl / t_bwd[c] / 1e9 / peak,
-        temp_mb=v['temp'] / 2**20))
+    rows.append(row(c, v, layer=c.name, dims=c.dims, tokens=tokens,
+                    dispatch=c.method, experts=c.e, group_images=c.group,
+                    capacity_factor=c.cf, capacity=v['capacity'],
+                    rows_per_expert=v['slots'] // c.e))
   print(f'  [{title}: {len(cases)} cases in '
         f'{time.perf_counter() - t_start:.0f} s, peak RSS '
         f'{common.peak_rss_mb():.0f} MB]', flush=True)
@@ -219,19 +209,16 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
 
 
 def target_cases(quick: bool) -> list[Case]:
-  """The rows of the README targets (quick: those sharing 2 dense refs)."""
+  """The rows of the README targets (quick: one per target)."""
+  tc2 = dict(k=2, bpr=True)
+  einsum = Case('token_choice', 32, 4, method='einsum', **tc2)
+  # Slots = tokens for Soft MoE: ceil(197 / 32) = 7 slots per expert.
   if quick:
-    return [Case('token_choice', 8, 1, k=2, bpr=True),
-            Case('token_choice', 32, 4, k=2, bpr=True),
-            Case('token_choice', 32, 4, k=2, bpr=True, method='einsum'),
-            Case('token_choice', 32, 1, k=1),
-            Case('soft', 32, 1)]
-  cases = [Case('token_choice', e, g, k=2, bpr=True)
-           for e in (8, 32) for g in (1, 4)]
-  cases += [Case('token_choice', 8, 1, k=1), Case('token_choice', 32, 4, k=1),
-            Case('token_choice', 32, 4, k=2, bpr=True, method='einsum')]
-  cases += [Case('soft', 32, g) for g in (1, 4)]  # slots = tokens (cf 1)
-  return cases
+    return [Case('token_choice', 8, 1, **tc2), Case('token_choice', 32, 4, **tc2),
+            einsum, Case('soft', 32, 1)]
+  cases = [Case('token_choice', e, g, **tc2) for e in (8, 32) for g in (1, 4)]
+  cases += [Case('token_choice', 8, 1), Case('token_choice', 32, 4)]
+  return cases + [einsum, Case('soft', 32, 1), Case('soft', 32, 4)]
 
 
 def method_cases() -> list[Case]:
@@ -242,18 +229,27 @@ def method_cases() -> list[Case]:
       cases.append(Case('token_choice', 8, 1, k, bpr, method))
     cases.append(Case('expert_choice', 8, 1, method=method))
     cases.append(Case('soft', 8, 1, method=method))
-  # ragged_dot on CPU slows down with the number of experts: 8 only.
+  # Dropless runs `jax.lax.ragged_dot`, whose CPU cost grows with the number
+  # of experts (8-10x a dense MLP at 8): two rows. Soft MoE has no sparse
+  # layout (its 'dropless' is the 'indices' path).
   cases.append(Case('token_choice', 8, 1, 1, False, 'dropless'))
   cases.append(Case('token_choice', 8, 1, 2, True, 'dropless'))
   return cases
 
 
+def expert_cases() -> list[Case]:
+  """Token choice (k=2, BPR) over experts x group sizes, capacity factor 1."""
+  return [Case('token_choice', e, g, k=2, bpr=True)
+          for e in (8, 32, 128, 256) for g in (1, 4, 16)]
+
+
 def capacity_cases() -> list[Case]:
+  """Capacity factors 1.25 and 2.0 (1.0 is in the targets section)."""
   cases = []
   for cf in (1.25, 2.0):
-    cases.append(Case('token_choice', 32, 4, k=2, bpr=True, cf=cf))
-    cases.append(Case('token_choice', 32, 4, k=2, bpr=True, cf=cf,
-                      method='einsum'))
+    for method in ('indices', 'einsum'):
+      cases.append(Case('token_choice', 32, 4, k=2, bpr=True, cf=cf,
+                        method=method))
     cases.append(Case('expert_choice', 32, 4, cf=cf))
   return cases
 
@@ -267,14 +263,14 @@ def vit_b_cases() -> list[Case]:
 
 
 def dispatch_memory_rows(quick: bool) -> list[dict]:
-  """Temp memory of router + dispatch + combine (fwd+bwd), experts = x2.
+  """Scratch memory of router + dispatch + combine (fwd+bwd), experts = x2.
 
   Token choice k=2 BPR, 32 experts, capacity factor 1, ViT-S dims. Compiled
   only (not run).
   """
   d = DIMS['S'][0]
   e = 32
-  points = (((32, 1), (64, 1), (64, 4), (128, 4)) if not quick
+  points = (((32, 1), (64, 1), (64, 4), (128, 4), (128, 16)) if not quick
             else ((32, 1), (64, 1), (64, 4)))
   rows = []
   for method in ('indices', 'einsum'):
@@ -303,54 +299,63 @@ def dispatch_memory_rows(quick: bool) -> list[dict]:
 
 
 LAYER_COLUMNS = ['section', 'dims', 'layer', 'dispatch', 'experts',
-                 'group_images', 'capacity_factor', 'capacity', 'slots',
-                 'fwd_ms', 'fwd_bwd_ms', 'fwd_ratio', 'fwd_bwd_ratio',
-                 'gflops', 'pct_peak', 'temp_mb']
+                 'group_images', 'capacity_factor', 'capacity',
+                 'rows_per_expert', 'fwd_ms', 'fwd_bwd_ms', 'fwd_ratio',
+                 'fwd_bwd_ratio', 'gflops', 'pct_peak', 'temp_mb', 'peak_mb']
 LAYER_HEADERS = ['section', 'dims', 'layer', 'dispatch', 'e', 'group (img)',
-                 'cf', 'c', 'slots', 'fwd ms', 'fwd+bwd ms', 'fwd ratio',
-                 'fwd+bwd ratio', 'GFLOP/s', '% peak', 'temp MB']
+                 'cf', 'c', 'rows/expert', 'fwd ms', 'fwd+bwd ms',
+                 'fwd ratio', 'fwd+bwd ratio', 'GFLOP/s', '% peak',
+                 'temp MB', 'peak MB']
+DENSE_COLUMNS = ['section', 'dims', 'tokens', 'fwd_ms', 'fwd_bwd_ms',
+                 'gflops', 'pct_peak', 'temp_mb', 'peak_mb']
+DENSE_HEADERS = ['section', 'dims', 'tokens', 'fwd ms', 'fwd+bwd ms',
+                 'GFLOP/s', '% peak', 'temp MB', 'peak MB']
 
 
-def run(quick: bool, repeats: int | None = None,
-        peak: dict | None = None) -> tuple[str, list[dict], dict]:
-  """Runs the layer benchmark; returns (markdown, rows, machine info)."""
+def sections(quick: bool) -> list[tuple[str, list[Case], int]]:
+  """(title, cases, images per batch) of the layer benchmark."""
+  if quick:
+    return [('targets', target_cases(True), 64)]
+  return [('targets', target_cases(False), 64),
+          ('methods', method_cases(), 16),
+          ('experts', expert_cases(), 16),
+          ('capacity', capacity_cases(), 16),
+          ('vit_b', vit_b_cases(), 16)]
+
+
+def run(quick: bool, repeats: int | None = None, peak: dict | None = None
+        ) -> tuple[str, list[dict], list[dict], dict]:
+  """Runs the layer benchmark: (markdown, rows, memory rows, machine info)."""
   peak = peak or common.matmul_peak()
   info = common.machine_info(peak)
-  reps = repeats or 3
-  # Quick: half the batch (6304 tokens) and only the target rows. The other
-  # sections use smaller batches to fit the time budget; the number of
-  # experts is swept by `bench.scaling`.
-  sections = [('targets', target_cases(quick), 32 if quick else 64)]
-  if not quick:
-    sections += [('methods', method_cases(), 32),
-                 ('capacity', capacity_cases(), 32),
-                 ('vit_b', vit_b_cases(), 16)]
   rows = []
-  for title, cases, images in sections:
-    rows += run_section(title, cases, images, reps, peak['f32'],
-                        base_dense=not quick)
+  for title, cases, images in sections(quick):
+    rows += run_section(title, cases, images, repeats or 3, peak['f32'])
   mem_rows = dispatch_memory_rows(quick)
-  md = [f'### MoE layer ({"quick" if quick else "full"})', '',
-        common.machine_line(info), '',
-        common.markdown_table(rows, LAYER_COLUMNS, LAYER_HEADERS), '',
-        'ratio = time / time of the dense MLP on `slots` tokens (equal '
-        'active FLOPs), measured interleaved in the same section. GFLOP/s = '
-        'active fwd+bwd FLOPs (3 x 4 x slots x d x h) per second; % peak of '
-        'the f32 matmul peak measured in the same section (max of the start '
-        'of the run and a 3072^2 matmul interleaved with the section). Soft MoE additionally spends '
-        '6 x s x n x d FLOPs per group (logits, dispatch, combine; x3 with '
-        'the backward), counted here as overhead.', '',
-        'Temp memory of routing + dispatch + combine, fwd+bwd (token choice '
-        'k=2 BPR, 32 experts, cf 1, ViT-S; experts replaced by x2):', '',
-        common.markdown_table(
-            mem_rows, ['dispatch', 'tokens', 'group_tokens', 'gsec_millions',
-                       'temp_mb', 'mb_per_1k_tokens'],
-            ['dispatch', 'tokens', 'group', 'g*s*e*c (M)', 'temp MB',
-             'MB per 1k tokens'])]
-  markdown = '\n'.join(md)
+  moe_rows = [r for r in rows if r['layer'] != 'dense MLP']
+  dense_rows = [r for r in rows if r['layer'] == 'dense MLP']
+  md = '\n'.join([
+      f'### MoE layer ({"quick" if quick else "full"})', '',
+      common.machine_line(info), '',
+      common.markdown_table(moe_rows, LAYER_COLUMNS, LAYER_HEADERS), '',
+      'ratio = time / time of the dense MLP on as many tokens as the MoE has '
+      'expert slots (equal active FLOPs), measured interleaved in the same '
+      'section. GFLOP/s = active fwd+bwd FLOPs (3 x 4 x slots x d x h) per '
+      'second; % peak of the f32 matmul peak measured in the same run. Soft '
+      'MoE additionally spends 18 x s x n x d FLOPs per group (logits, '
+      'dispatch, combine, forward and backward), counted here as overhead.',
+      '', 'Dense MLP references:', '',
+      common.markdown_table(dense_rows, DENSE_COLUMNS, DENSE_HEADERS), '',
+      'Scratch memory of routing + dispatch + combine, fwd+bwd (token choice '
+      'k=2 BPR, 32 experts, cf 1, ViT-S; experts replaced by x2):', '',
+      common.markdown_table(
+          mem_rows, ['dispatch', 'tokens', 'group_tokens', 'gsec_millions',
+                     'temp_mb', 'mb_per_1k_tokens'],
+          ['dispatch', 'tokens', 'group', 'g*s*e*c (M)', 'temp MB',
+           'MB per 1k tokens'])])
   common.save_results('moe_layer_quick' if quick else 'moe_layer', rows, info,
-                      markdown, extra={'dispatch_memory': mem_rows})
-  return markdown, rows, info
+                      md, extra={'dispatch_memory': mem_rows})
+  return md, rows, mem_rows, info
 
 
 def main():
@@ -358,8 +363,7 @@ def main():
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--repeats', type=int, default=None)
   args = parser.parse_args()
-  markdown, _, _ = run(args.quick, args.repeats)
-  print(markdown)
+  print(run(args.quick, args.repeats)[0])
 
 
 if __name__ == '__main__':

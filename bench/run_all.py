@@ -18,6 +18,7 @@ import sys
 import time
 
 from bench import common
+from bench import targets
 
 BENCHES = ('layer', 'scaling', 'model')
 
@@ -37,19 +38,26 @@ def main(argv=None):
   peak = common.matmul_peak()
   info = common.machine_info(peak)
   print(common.machine_line(info), flush=True)
-  parts = []
+  parts, layer, scaling_rows, model_rows = [], None, None, None
   if 'layer' in only:
     from bench import moe_layer  # pylint: disable=g-import-not-at-top
-    parts.append(moe_layer.run(args.quick, args.repeats, peak)[0])
-    print(parts[-1] + '\n', flush=True)
+    md, rows, memory_rows, _ = moe_layer.run(args.quick, args.repeats, peak)
+    parts.append(md)
+    layer = (rows, memory_rows)
+    print(md + '\n', flush=True)
   if 'scaling' in only:
     from bench import scaling  # pylint: disable=g-import-not-at-top
-    parts.append(scaling.run(args.quick, args.repeats, peak)[0])
-    print(parts[-1] + '\n', flush=True)
+    md, scaling_rows, _ = scaling.run(args.quick, args.repeats, peak)
+    parts.append(md)
+    print(md + '\n', flush=True)
   if 'model' in only:
     from bench import model  # pylint: disable=g-import-not-at-top
-    parts.append(model.run(args.quick, args.repeats, peak)[0])
-    print(parts[-1] + '\n', flush=True)
+    md, model_rows, _ = model.run(args.quick, args.repeats, peak)
+    parts.append(md)
+    print(md + '\n', flush=True)
+  summary, _ = targets.evaluate(layer, scaling_rows, model_rows, args.quick)
+  print(summary + '\n', flush=True)
+  parts.insert(0, summary)
   cmd = 'python -m bench' + (' --quick' if args.quick else '')
   if args.only != ','.join(BENCHES):
     cmd += f' --only {args.only}'

@@ -39,7 +39,7 @@ def inputs(seed=0, skew=0.0):
   ks = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(ks[0], (G, S, D))
   w = jax.random.normal(ks[1], (D, E))
-  phi = jax.random.normal(ks[2], (D, E, 2))
+  phi = jax.random.normal(ks[2], (E, 2, D))
   return x, w, phi, skew
 
 

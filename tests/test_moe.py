@@ -220,9 +220,9 @@ def test_bfloat16_activations_float32_router():
 def test_soft_slots_from_capacity_factor():
   layer = moe_layer(router='soft', num_experts=4, group_size=8,
                     capacity_factor=1.0)
-  assert layer.router.phi.shape == (D, 4, 2)
+  assert layer.router.phi.shape == (4, 2, D)
   assert layer.router.phi.get_metadata()['logical_axes'] == (
-      'embed', 'expert', None)
+      'expert', None, 'embed')
   assert layer.experts.kernel1.get_metadata()['logical_axes'] == (
       'expert', 'embed', 'mlp')
 
@@ -286,9 +286,9 @@ def reference_expert_choice(x, w, params, capacity):
 
 def reference_soft(x, phi, scale, params):
   """Puigcerver et al. 2023, Algorithm 1 with normalised x and phi."""
-  d, e, p = phi.shape
+  e, p, d = phi.shape
   xn = x / np.linalg.norm(x, axis=-1, keepdims=True)
-  pn = phi.reshape(d, e * p)
+  pn = phi.reshape(e * p, d).T                     # [d, n]
   pn = pn / np.linalg.norm(pn, axis=0, keepdims=True)
   y = np.zeros_like(x)
   for g in range(x.shape[0]):

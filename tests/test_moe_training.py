@@ -78,4 +78,7 @@ def test_eval_at_another_capacity_without_retraining(digits_data_dir,
   low, high = capacity_sweep.sweep(config, str(tmp_path), [0.25, 2.0])
   assert low['step'] == high['step'] == 4
   assert low['dropped_fraction'] > 0.05
-  assert high['dropped_fraction'] == 0.0
+  # A token is dropped only if all its k experts are full: at capacity
+  # factor 2 that takes a router sending over half the group to two experts,
+  # rare but not impossible after 4 steps.
+  assert high['dropped_fraction'] < min(0.01, low['dropped_fraction'] / 10)

@@ -182,7 +182,7 @@ def test_expert_choice_capacity_validated():
 
 def test_soft_routing_weights_normalised():
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-  phi = jax.random.normal(jax.random.key(1), (8, 3, 2))
+  phi = jax.random.normal(jax.random.key(1), (3, 2, 8))     # [e, p, d]
   r, dispatch, combine, load, dropped = fast_jit(lambda x, phi: (
       r := rt.soft_routing(x, phi, jnp.asarray(1.7)), r.dispatch_weights(),
       r.combine_weights(), rt.expert_load(r), rt.dropped_fraction(r)))(x, phi)
@@ -191,7 +191,7 @@ def test_soft_routing_weights_normalised():
   np.testing.assert_allclose(jnp.sum(combine, axis=2), 1.0, rtol=1e-5)
   # Logits are scale * cosine similarity.
   xn = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  pn = phi.reshape(8, 6) / jnp.linalg.norm(phi.reshape(8, 6), axis=0)
+  pn = phi.reshape(6, 8).T / jnp.linalg.norm(phi.reshape(6, 8).T, axis=0)
   np.testing.assert_allclose(r.logits, 1.7 * xn @ pn, rtol=1e-4, atol=1e-5)
   assert float(jnp.max(jnp.abs(r.logits))) <= 1.7 + 1e-5
   np.testing.assert_allclose(jnp.sum(load), 1.0, rtol=1e-5)

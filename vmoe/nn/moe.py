@@ -291,12 +291,12 @@ class TopRouter(nnx.Module):
 
 
 class SoftRouter(nnx.Module):
-  """Soft MoE slot parameters phi [d, e, p] and the learnable scalar scale."""
+  """Soft MoE slot parameters phi [e, p, d] and the learnable scalar scale."""
 
   def __init__(self, dim: int, num_experts: int, num_slots: int, *,
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     self.phi = param(rngs, nnx.initializers.normal(stddev=dim ** -0.5),
-                     (dim, num_experts, num_slots), ('embed', 'expert', None),
+                     (num_experts, num_slots, dim), ('expert', None, 'embed'),
                      param_dtype)
     self.scale = param(rngs, nnx.initializers.ones_init(), (), (), param_dtype)
 
@@ -359,7 +359,7 @@ class MoeLayer(nnx.Module):
   def capacity_for(self, s: int, train: bool) -> int:
     """Slots per expert and group for groups of s tokens (Soft MoE: p)."""
     if self.router_type == 'soft':
-      return self.router.phi.shape[-1]
+      return self.router.phi.shape[1]
     if self.router_type == 'token_choice' and self.dispatch == 'dropless':
       return s  # dropless: every pair has a place
     cf = self.capacity_factor if train else self.eval_capacity_factor
