@@ -14,8 +14,8 @@ Models (224 px, patch 16, class token: 197 tokens per image, 1000 classes):
 
 Batch 32 per step (the full mode): a per-device batch of V-MoE training on a
 TPU core. The optimizer update of the 242M parameters of a 32-expert model is
-a fixed cost per step (AdamW reads and writes 7 values per parameter, 0.5 s on
-this CPU), so smaller batches show the update, not the layers.
+a fixed cost per step (AdamW reads and writes 7 values per parameter, about
+0.25 s on this CPU), so smaller batches show the update, not the layers.
 
 The train step is the library's `vmoe.train.steps.make_train_step` (AdamW,
 router noise and auxiliary losses on), jitted with the state donated; the
