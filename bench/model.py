@@ -27,8 +27,8 @@ FLOPs are counted analytically as matmul FLOPs of the active path (patch
 embedding, attention projections and score/value products, MLP or active
 expert slots, router, head), x3 for a train step; Soft MoE's dispatch and
 combine contractions and routing are not counted (they are overhead).
-`xla GFLOP` is XLA's own `cost_analysis()` count of the compiled train step,
-for reference.
+`xla_train_gflop` (CSV/JSON only) is XLA's own `cost_analysis()` count of the
+compiled train step, for reference.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ tokens):
   vit_b     ViT-B dims (d=768, h=3072), 3152 tokens.
   memory    scratch memory of routing + dispatch + combine against tokens and
             group size (compiled, not run).
+  breakdown the time of two target rows (token choice k=2 BPR, 32 experts,
+            groups of 4 images; Soft MoE, 32 experts, 1 image) split into
+            routing, dispatch + combine and the experts beyond dense (full
+            mode only).
 The cost against the number of experts at fixed active compute is
 `bench.scaling`. There is no Pallas dispatch among `vmoe.nn.dispatch.METHODS`;
 on CPU Pallas runs only in interpret mode, which says nothing about speed.
@@ -44,6 +48,7 @@ import argparse
 import dataclasses
 import math
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -262,6 +267,96 @@ def vit_b_cases() -> list[Case]:
           Case('soft', 32, 1, dims='B')]
 
 
+def overhead_losses(graphdef, s: int, method: str, train: bool
+                    ) -> dict[str, Callable]:
+  """Losses (state, x [b, SEQ, d], key) -> scalar over parts of an MoE layer.
+
+  'routing': the router and its decision alone (logits, router noise when
+  `train`, top-k / soft weights, auxiliary losses), with a gradient into every
+  float field of the decision. 'no_experts': routing, dispatch and combine
+  with the experts replaced by x2. Build `graphdef` from a layer whose
+  `experts` are None, so that no expert gradients are produced.
+  """
+
+  def route(state, x, key):
+    m = nnx.merge(graphdef, state)
+    xg = x.reshape(-1, s, x.shape[-1])
+    r, metrics = m.route(xg, train=train,
+                         rngs=nnx.Rngs(gating=key) if train else None)
+    return xg, r, metrics
+
+  def routing(state, x, key):
+    _, r, metrics = route(state, x, key)
+    floats = [v for v in jax.tree.leaves(r)
+              if jnp.issubdtype(v.dtype, jnp.floating)]
+    return metrics['auxiliary_loss'] + sum(1e-3 * jnp.sum(v) for v in floats)
+
+  def no_experts(state, x, key):
+    xg, r, metrics = route(state, x, key)
+    y = dp.moe_apply(r, xg, lambda b: 2.0 * b, method=method)
+    return 0.5 * jnp.sum(jnp.square(y)) + metrics['auxiliary_loss']
+
+  return {'routing': routing, 'no_experts': no_experts}
+
+
+def breakdown_cases() -> list[Case]:
+  """The target rows whose overhead the README explains."""
+  return [Case('token_choice', 32, 4, k=2, bpr=True), Case('soft', 32, 1)]
+
+
+def breakdown_rows(images: int, repeats: int,
+                   cases: list[Case] | None = None) -> list[dict]:
+  """Where an MoE layer's time beyond the dense MLP goes, fwd+bwd.
+
+  For each case, timed interleaved: the dense MLP on as many tokens as the
+  MoE has slots, the whole layer, its routing alone and routing + dispatch +
+  combine (experts replaced by x2). The remainder, layer - (routing +
+  dispatch + combine) - dense, is what the experts cost beyond one dense
+  matmul of the same FLOPs (small batched matmuls, per-expert weights).
+  """
+  calls, meta = {}, {}
+  tokens = images * SEQ
+  for c in cases or breakdown_cases():
+    layer = make_layer(c)
+    d, h = DIMS[c.dims]
+    x = jax.random.normal(jax.random.key(1), (images, SEQ, d))
+    _, full, args, _ = programs(layer, x, True)
+    slots = slots_of(layer, tokens)
+    calls[c, 'layer'] = lambda f=full, a=args: f(*a)
+    layer.experts = None  # pytype: disable=annotation-type-mismatch
+    graphdef, state = nnx.split(layer)
+    for part, loss in overhead_losses(graphdef, c.group * SEQ, c.method,
+                                      train=True).items():
+      part_args = (state, x, jax.random.key(0))
+      f = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*part_args).compile()
+      calls[c, part] = lambda f=f, a=part_args: f(*a)
+    xd = jnp.resize(x.reshape(-1, d), (1, slots, d))
+    _, dense, dargs, _ = programs(MlpBlock(d, h, rngs=nnx.Rngs(0)), xd, False)
+    calls[c, 'dense'] = lambda f=dense, a=dargs: f(*a)
+    meta[c] = slots
+  t = common.time_interleaved(calls, repeats, warmup=1)
+  rows = []
+  for c, slots in meta.items():
+    dense, layer = t[c, 'dense'], t[c, 'layer']
+    routing, no_experts = t[c, 'routing'], t[c, 'no_experts']
+    rows.append(dict(
+        section='breakdown', layer=c.name, dispatch=c.method, experts=c.e,
+        group_images=c.group, slots=slots, dense_ms=dense * 1e3,
+        layer_ms=layer * 1e3, ratio=layer / dense,
+        routing=routing / dense,
+        dispatch_combine=(no_experts - routing) / dense,
+        experts_beyond_dense=(layer - no_experts - dense) / dense))
+  return rows
+
+
+BREAKDOWN_COLUMNS = ['layer', 'dispatch', 'experts', 'group_images', 'slots',
+                     'dense_ms', 'layer_ms', 'ratio', 'routing',
+                     'dispatch_combine', 'experts_beyond_dense']
+BREAKDOWN_HEADERS = ['layer', 'dispatch', 'e', 'group (img)', 'slots',
+                     'dense ms', 'layer ms', 'ratio', 'routing',
+                     'dispatch + combine', 'experts beyond dense']
+
+
 def dispatch_memory_rows(quick: bool) -> list[dict]:
   """Scratch memory of router + dispatch + combine (fwd+bwd), experts = x2.
 
@@ -279,17 +374,10 @@ def dispatch_memory_rows(quick: bool) -> list[dict]:
       layer.experts = None  # pytype: disable=annotation-type-mismatch
       graphdef, state = nnx.split(layer)
       s = group * SEQ
-
-      def loss(state, x, graphdef=graphdef, s=s, method=method):
-        m = nnx.merge(graphdef, state)
-        xg = x.reshape(-1, s, d)
-        r, metrics = m.route(xg, train=False)
-        y = dp.moe_apply(r, xg, lambda b: 2.0 * b, method=method)
-        return jnp.sum(y) + metrics['auxiliary_loss']
-
+      loss = overhead_losses(graphdef, s, method, train=False)['no_experts']
       x = jax.ShapeDtypeStruct((n_images, SEQ, d), jnp.float32)
       fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-      mb = common.compiled_temp_bytes(fn, state, x) / 2**20
+      mb = common.compiled_temp_bytes(fn, state, x, jax.random.key(0)) / 2**20
       n = n_images * SEQ
       c = math.ceil(2 * s / e)
       rows.append(dict(dispatch=method, tokens=n, group_tokens=s,
@@ -332,6 +420,10 @@ def run(quick: bool, repeats: int | None = None, peak: dict | None = None
   for title, cases, images in sections(quick):
     rows += run_section(title, cases, images, repeats or 3, peak['f32'])
   mem_rows = dispatch_memory_rows(quick)
+  parts = [] if quick else breakdown_rows(64, repeats or 3)
+  if parts:
+    print(f'  [breakdown: {len(parts)} cases, peak RSS '
+          f'{common.peak_rss_mb():.0f} MB]', flush=True)
   moe_rows = [r for r in rows if r['layer'] != 'dense MLP']
   dense_rows = [r for r in rows if r['layer'] == 'dense MLP']
   md = '\n'.join([
@@ -353,8 +445,16 @@ def run(quick: bool, repeats: int | None = None, peak: dict | None = None
                      'temp_mb', 'mb_per_1k_tokens'],
           ['dispatch', 'tokens', 'group', 'g*s*e*c (M)', 'temp MB',
            'MB per 1k tokens'])])
+  if parts:
+    md += '\n'.join([
+        '', '', 'Where the time beyond the dense MLP goes (fwd+bwd, 12608 '
+        'tokens; parts as fractions of the dense time: routing alone, '
+        'dispatch + combine with the experts replaced by x2, and the rest, '
+        'what the experts cost beyond one dense matmul of equal FLOPs):', '',
+        common.markdown_table(parts, BREAKDOWN_COLUMNS, BREAKDOWN_HEADERS)])
   common.save_results('moe_layer_quick' if quick else 'moe_layer', rows, info,
-                      md, extra={'dispatch_memory': mem_rows})
+                      md, extra={'dispatch_memory': mem_rows,
+                                 'breakdown': parts})
   return md, rows, mem_rows, info
 
 

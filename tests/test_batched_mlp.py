@@ -92,3 +92,21 @@ def test_mlp_block_runs_the_batched_mlp():
   y_ref = batched_mlp.mlp_reference(x.reshape(1, 6, 6), *w).reshape(2, 3, 6)
   assert metrics == {}
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+
+  t = jax.random.normal(jax.random.key(2), y.shape)
+  graphdef, state = nnx.split(block)
+
+  def loss(state, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)[0]) * t)
+
+  def loss_ref(w, x):
+    out = batched_mlp.mlp_reference(x.reshape(1, 6, 6), *w).reshape(2, 3, 6)
+    return jnp.sum(jnp.sin(out) * t)
+
+  dstate, dx = jax.grad(loss, argnums=(0, 1))(state, x)
+  dw_ref, dx_ref = jax.grad(loss_ref, argnums=(0, 1))(w, x)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+  got = (dstate['fc1']['kernel'][...], dstate['fc1']['bias'][...],
+         dstate['fc2']['kernel'][...], dstate['fc2']['bias'][...])
+  for g, r in zip(got, dw_ref):
+    np.testing.assert_allclose(g, r[0], rtol=1e-5, atol=1e-6)

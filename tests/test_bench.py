@@ -29,6 +29,52 @@ def test_run_section_times_a_case_against_its_dense_reference():
   assert md.count('\n') == 2 and 'token choice k=1' in md
 
 
+def test_breakdown_parts_of_a_layer():
+  cases = [ml.Case('token_choice', 2, 1, k=2, bpr=True), ml.Case('soft', 2, 1)]
+  rows = ml.breakdown_rows(images=1, repeats=1, cases=cases)
+  assert [r['layer'] for r in rows] == ['token choice k=2 bpr', 'soft']
+  for r in rows:
+    assert r['dense_ms'] > 0 and r['layer_ms'] > 0 and r['routing'] > 0
+    parts = 1 + r['routing'] + r['dispatch_combine'] + r['experts_beyond_dense']
+    assert abs(parts - r['ratio']) < 1e-9
+  assert rows[0]['slots'] == 2 * 197  # k=2, capacity factor 1
+  md = common.markdown_table(rows, ml.BREAKDOWN_COLUMNS, ml.BREAKDOWN_HEADERS)
+  assert md.count('\n') == 3
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_overhead_losses_agree_across_dispatch_methods(train):
+  """Routing + dispatch + combine (experts x2): einsum and indices agree."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(3), (2, ml.SEQ, 384))
+  key = jax.random.key(4)
+  out = {}
+  for method in ('einsum', 'indices'):
+    layer = ml.make_layer(ml.Case('token_choice', 4, 1, k=2, bpr=True,
+                                  method=method))
+    layer.experts = None
+    graphdef, state = nnx.split(layer)
+    losses = ml.overhead_losses(graphdef, ml.SEQ, method, train)
+    out[method] = [jax.value_and_grad(f, argnums=(0, 1))(state, x, key)
+                   for f in losses.values()]
+  for (v1, g1), (v2, g2) in zip(out['einsum'], out['indices']):
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    # Float rounding relative to the gradient's scale (sums of ~400 terms).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b))), g1, g2)
+  assert out['indices'][1][0] > out['indices'][0][0]
+
+
+def test_dispatch_memory_is_linear_in_tokens_with_indices():
+  """Compiled only: indices scratch per token is flat, einsum's grows."""
+  rows = ml.dispatch_memory_rows(quick=True)
+  per_token = {m: [r['mb_per_1k_tokens'] for r in rows if r['dispatch'] == m]
+               for m in ('indices', 'einsum')}
+  assert max(per_token['indices']) / min(per_token['indices']) < 1.1
+  assert per_token['einsum'][-1] > 2 * per_token['einsum'][0]
+
+
 def _layer_rows(tc=1.1, einsum=1.6, soft=1.3):
   rows = []
   for e, g in ((8, 1), (8, 4), (32, 1), (32, 4)):

@@ -41,6 +41,8 @@ def test_cpu_platform_is_tuned_even_beside_an_accelerator():
     (['python', '-m', 'bench'], True),
     (['python', '-m', 'bench.moe_layer', '--quick'], True),
     (['python', '-u', '-m', 'bench.scaling'], True),
+    (['python', '-W', 'error', '-X', 'dev', '-m', 'bench'], True),
+    (['python', '-W', 'error', 'bench/run_all.py'], False),
     (['python', '-m', 'benchmarks'], False),
     (['python', '-m', 'pytest', 'bench'], False),
     (['python', 'bench/run_all.py'], False),
@@ -56,12 +58,12 @@ def test_reexec_sets_the_tunables_in_the_new_process():
          if k not in ('GLIBC_TUNABLES', ca.OPT_OUT)}
   code = ('from vmoe import cpu_allocator as c; '
           'c.reexec_with_tuned_malloc(); '
-          'import os; print(os.environ.get("GLIBC_TUNABLES"), os.getpid())')
+          'import os; print(os.environ.get("GLIBC_TUNABLES"))')
   proc = subprocess.run([sys.executable, '-c', code], env=env,
                         capture_output=True, text=True, timeout=60,
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0, proc.stderr
-  tunables, _ = proc.stdout.split()
+  tunables = proc.stdout.strip()
   expected = ca.tuned_environment(
       env, ca._glibc_version(),  # pylint: disable=protected-access
       any(os.path.exists(p) for p in ca.ACCELERATOR_DEVICE_NODES))

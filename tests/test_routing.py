@@ -280,6 +280,8 @@ def test_token_choice_sorted_positions_match_one_hot(monkeypatch, bpr):
 def test_top_k_matches_lax_top_k(k):
   x = jax.random.normal(jax.random.key(k), (2, 5, 9))
   x = x.at[0, 0, :4].set(1.5)  # ties go to the lower index
+  x = x.at[1, 0, 1:].set(-jnp.inf)  # fewer than k finite entries
+  x = x.at[1, 1, :].set(-jnp.inf)
   want_v, want_i = jax.lax.top_k(x, k)
   got_v, got_i = rt.top_k(x, k)
   np.testing.assert_array_equal(got_i, want_i)

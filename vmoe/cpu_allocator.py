@@ -21,8 +21,8 @@ entry points (`main.py`, `python -m bench ...`) re-execute themselves once with
   glibc.malloc.trim_threshold  ... and stay mapped after free, to be reused.
 
 The settings apply only to CPU hosts: a process whose JAX platform is a GPU or
-TPU (JAX_PLATFORMS, or an NVIDIA / TPU device node) is left alone, as is any
-process that already sets GLIBC_TUNABLES. VMOE_TUNE_MALLOC=0 turns it off.
+TPU (JAX_PLATFORMS, or an NVIDIA / AMD / TPU device node) is left alone, as is
+any process that already sets GLIBC_TUNABLES. VMOE_TUNE_MALLOC=0 turns it off.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ TUNABLES = ('glibc.malloc.hugetlb=1', 'glibc.malloc.arena_max=1',
             'glibc.malloc.mmap_max=0',
             'glibc.malloc.trim_threshold=1099511627776')  # 1 TiB: never trim
 OPT_OUT = 'VMOE_TUNE_MALLOC'
-ACCELERATOR_DEVICE_NODES = ('/dev/nvidia0', '/dev/nvidiactl', '/dev/accel0',
+_OPTIONS_WITH_VALUE = ('-W', '-X', '--check-hash-based-pycs')
+ACCELERATOR_DEVICE_NODES = ('/dev/nvidia0', '/dev/nvidiactl', '/dev/kfd',
+                            '/dev/accel0',
                             '/dev/vfio/0')
 
 
@@ -98,10 +100,14 @@ def reexec_with_tuned_malloc() -> None:
 def started_as_module(prefix: str) -> bool:
   """True if this process was started as `python -m <prefix>[.something]`."""
   argv = getattr(sys, 'orig_argv', None) or []
-  for i, arg in enumerate(argv[1:-1], start=1):
+  i = 1
+  while i < len(argv) - 1:
+    arg = argv[i]
     if arg == '-m':
       name = argv[i + 1]
       return name == prefix or name.startswith(prefix + '.')
     if not arg.startswith('-'):
       return False  # a script path: not a module run
+    # Interpreter options whose value is the next argument.
+    i += 2 if arg in _OPTIONS_WITH_VALUE else 1
   return False

@@ -1,10 +1,10 @@
 """Moving tokens to expert buffers and back, for any routing decision.
 
-Strategies (identical results for the same decision, up to float rounding):
-
 Expert buffers are expert-major, [e, g, c, d]: every expert's rows are
 contiguous, so the experts run as one batched matmul on [e, g*c, d] without a
 transpose, and expert parallelism splits the leading axis.
+
+Strategies (identical results for the same decision, up to float rounding):
 
   * 'einsum': the GShard / V-MoE one-hot contractions with the dense
     [g, s, e, c] dispatch and combine tensors. O(g*s*e*c*d) time and

@@ -174,15 +174,19 @@ def top_k(x: Array, k: int) -> tuple[Array, Array]:
   e = x.shape[-1]
   iota = jnp.arange(e, dtype=jnp.int32)
   values, indices = [], []
+  masked, taken = x, jnp.zeros(x.shape, jnp.bool_)
   for i in range(k):
-    best = jnp.max(jax.lax.stop_gradient(x), axis=-1, keepdims=True)
-    index = jnp.min(jnp.where(x == best, iota, e), axis=-1)
+    best = jnp.max(jax.lax.stop_gradient(masked), axis=-1, keepdims=True)
+    # Earlier winners are excluded explicitly: masking them to -inf alone
+    # would let them win again in rows with fewer than k finite entries.
+    index = jnp.min(jnp.where((masked == best) & ~taken, iota, e), axis=-1)
     index = jnp.minimum(index, e - 1)  # NaN rows: a valid index all the same
     hit = iota == index[..., None]
     values.append(jnp.sum(jnp.where(hit, x, 0.0), axis=-1))
     indices.append(index)
     if i + 1 < k:  # mask the winner out for the next pass
-      x = jnp.where(hit, -jnp.inf, x)
+      masked = jnp.where(hit, -jnp.inf, masked)
+      taken = taken | hit
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
@@ -367,7 +371,7 @@ def _one_hot_slots(expert_index: Array, position: Array, valid: Array,
 
 
 def dense_dispatch(routing: Routing) -> Array:
-  """[g, s, e, c] dispatch tensor: buffers = einsum('gsec,gsd->gecd', ., x).
+  """[g, s, e, c] dispatch tensor: buffers = einsum('gsec,gsd->egcd', ., x).
 
   0/1 for hard routers, softmax-over-tokens weights for Soft MoE.
   """
@@ -385,7 +389,7 @@ def dense_dispatch(routing: Routing) -> Array:
 
 
 def dense_combine(routing: Routing) -> Array:
-  """[g, s, e, c] combine tensor: y = einsum('gsec,gecd->gsd', ., outputs)."""
+  """[g, s, e, c] combine tensor: y = einsum('gsec,egcd->gsd', ., outputs)."""
   if isinstance(routing, TokenChoiceRouting):
     oh = _one_hot_slots(routing.expert_index, routing.position, routing.valid,
                         routing.num_experts, routing.capacity)
@@ -439,8 +443,9 @@ def load_loss(logits: Array, noisy_logits: Array, noise_std: float,
     noise_std: standard deviation of the noise.
     num_selected: k.
     selected: optional [g, s, >=k] indices of the k largest noisy logits in
-      descending order (a token-choice decision's `expert_index`), to reuse
-      instead of searching them again.
+      descending order, to reuse instead of searching them again: a
+      token-choice decision's `expert_index` (the top-k of softmax(noisy
+      logits), the same ranking up to float ties).
   Returns:
     scalar.
   """
