@@ -79,8 +79,7 @@ def program_memory(compiled) -> dict[str, int]:
 
 def compiled_temp_bytes(jitted, *args) -> int:
   """Temp (scratch) bytes of the compiled program, from memory_analysis()."""
-  m = jitted.lower(*args).compile().memory_analysis()
-  return int(getattr(m, 'temp_size_in_bytes', 0)) if m is not None else 0
+  return program_memory(jitted.lower(*args).compile())['temp']
 
 
 def peak_rss_mb() -> float:

@@ -16,7 +16,7 @@ of experts changes:
     same for every e.
 
 Every expert keeps at least 8 slots per group. What grows with e: the
-parameters (2 x 75M per layer at e=256) and so the weight traffic, the router
+parameters (2 x 151M per layer at e=256) and so the weight traffic, the router
 (2 * d * e FLOPs per token, plus its noise, softmax, top-k and losses over e),
 and the per-expert matmuls get shorter. Rows per expert is what decides the
 matmul efficiency on CPU: below ~200 rows the batched matmuls run well under

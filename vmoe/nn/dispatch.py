@@ -106,15 +106,13 @@ class _TokenChoiceMaps(NamedTuple):
   def build(cls, r: rt.TokenChoiceRouting) -> '_TokenChoiceMaps':
     g, s, k = r.expert_index.shape
     e, c = r.num_experts, r.capacity
-    gi = jnp.arange(g, dtype=jnp.int32)[:, None, None]
-    row = (r.expert_index * g + gi) * c + r.position
+    row = (r.expert_index * g + _group_offsets(g, 1)) * c + r.position
     pair_slot = jnp.where(r.valid, row, e * g * c)
-    pair = _expert_major(token_choice_pair_of_slot(r))
+    pair = token_choice_pair_of_slot(r)  # [g, e, c]
     full = pair < s * k
-    offsets = jnp.arange(g, dtype=jnp.int32)[None, :, None]
-    slot_pair = jnp.where(full, pair + offsets * (s * k), g * s * k)
-    slot_token = jnp.where(full, pair // k + offsets * s, g * s)
-    return cls(pair_slot, slot_token, slot_pair)
+    slot_pair = jnp.where(full, pair + _group_offsets(g, s * k), g * s * k)
+    slot_token = jnp.where(full, pair // k + _group_offsets(g, s), g * s)
+    return cls(pair_slot, _expert_major(slot_token), _expert_major(slot_pair))
 
 
 # Token choice dispatch and combine are gathers in both directions: each

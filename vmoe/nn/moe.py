@@ -480,11 +480,10 @@ class MoeLayer(nnx.Module):
     expert = jax.sharding.PartitionSpec('expert')
     weights = self.experts.weights(xg.dtype)
     rate = self.experts.dropout_rate
-    use_dropout = train and rate > 0
-    if use_dropout and rngs is None:
-      raise ValueError('dropout with train=True needs rngs with a dropout '
-                       'stream')
-    key = rngs.dropout() if use_dropout else jnp.zeros((), jnp.uint32)
+    key = layers.dropout_key(rate, train, rngs)
+    use_dropout = key is not None
+    if not use_dropout:  # shard_map takes arrays only; unused inside
+      key = jnp.zeros((), jnp.uint32)
     method = self.dispatch
 
     def local(noisy, x, weights, key):
