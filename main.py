@@ -4,8 +4,11 @@
   python main.py --config=configs/vit_b16.py --workdir=gs://... \
       --config.dataset.data_dir=/data/tfds --config.num_train_steps=1000
 
-Running the same command again resumes from the latest checkpoint in workdir.
-Invalid configs and missing data are reported in one line before any work.
+Running the same command again resumes from the latest checkpoint in workdir
+(or, if the run is complete, prints its summary). Every error a user can make
+(a bad config, override, data or workdir, another run on the same workdir) is
+one line `error: ...` on stderr with exit status 2, before anything in the
+workdir is written; see vmoe/train/trainer.py for the order of the checks.
 
 Several processes (one per host, or several on one machine) form one job with
 `jax.distributed`: pass --coordinator_address=HOST:PORT --num_processes=N
@@ -15,15 +18,18 @@ SLURM/Open MPI clusters, where JAX detects them itself.
 """
 
 import os
+import signal
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
+from vmoe import config_flag
+
+_CONFIG = config_flag.define_config_flag(
+    'config', 'Path to a config file (configs/*.py), optionally followed by '
+    ':ARG for get_config(ARG).')
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for checkpoints and metrics.')
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -91,10 +97,46 @@ def _init_distributed() -> None:
     _fail(f'jax.distributed.initialize failed: {str(e).splitlines()[0]}')
 
 
+class _EarlySignals:
+  """SIGTERM/SIGINT before the trainer takes over: recorded, and the run
+  stops before it writes anything (not a KeyboardInterrupt in an import)."""
+
+  signum = None
+
+  @classmethod
+  def install(cls) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, cls._handle)
+
+  @classmethod
+  def _handle(cls, signum, frame):
+    del frame
+    if signum == signal.SIGINT and cls.signum is not None:
+      raise KeyboardInterrupt  # Ctrl-C twice
+    cls.signum = signum
+
+  @classmethod
+  def stop_if_signalled(cls) -> None:
+    if cls.signum is not None:
+      print(f'stopped: received {signal.Signals(cls.signum).name} before '
+            'training started; nothing was written', file=sys.stderr)
+      sys.exit(128 + cls.signum)
+
+
 def main(argv):
+  _EarlySignals.install()
+  try:
+    _main(argv)
+  except KeyboardInterrupt:  # Ctrl-C twice
+    print('stopped: interrupted; run the same command to resume from the '
+          'last checkpoint', file=sys.stderr)
+    sys.exit(130)
+
+
+def _main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = _CONFIG.value
+  config = config_flag.config_value(_CONFIG)
   if config is None:
     _fail('--config is required (e.g. --config=configs/vit_digits.py)')
   # Heavy imports after flag parsing: `--help` and flag errors stay fast.
@@ -103,7 +145,6 @@ def main(argv):
   # Quiet absl INFO lines (e.g. JAX probing for absent TPU/GPU backends).
   logging.set_verbosity(logging.WARNING)
   _init_distributed()
-  from vmoe.data.pipeline import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from vmoe.train import trainer  # pylint: disable=g-import-not-at-top
   from vmoe.train.config_validation import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
@@ -118,26 +159,38 @@ def main(argv):
     return
   if not _WORKDIR.value:
     _fail('--workdir is required (checkpoints and metrics are written there)')
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  _EarlySignals.stop_if_signalled()
   try:
     result = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except (ConfigError, DatasetNotFoundError,
-          trainer.IncompatibleCheckpointError) as e:
+  except trainer.USER_ERRORS as e:
     _fail(str(e))
   except trainer.NonFiniteLossError as e:
     _fail(str(e), code=1)
   except trainer.Preempted as e:
     print(f'stopped: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
+  except OSError as e:  # e.g. the disk filled up while training
+    _fail(str(e))
   if jax.process_index() != 0:
     return
-  print(f"done: step {result['step']}, eval accuracy {result['accuracy']:.4f},"
-        f" eval loss {result['loss']:.4f}, {result['train_seconds']:.0f} s, "
-        f'workdir {os.path.abspath(_WORKDIR.value)}')
+  evaluated = ''
+  if 'accuracy' in result:
+    evaluated = (f"eval accuracy {result['accuracy']:.4f}, eval loss "
+                 f"{result['loss']:.4f}, ")
+  if result.get('already_trained'):
+    print(f"done: already trained to step {result['step']} "
+          f'(num_train_steps={config.num_train_steps}), {evaluated}'
+          f'workdir {workdir}')
+    return
+  print(f"done: step {result['step']}, {evaluated}"
+        f"{result['train_seconds']:.0f} s, workdir {workdir}")
 
 
 if __name__ == '__main__':
+  _EarlySignals.install()
   # Before jax starts: glibc malloc settings that spare XLA:CPU the page
   # faults of re-mapping its buffers every step (no-op on GPU/TPU hosts).
   from vmoe import cpu_allocator  # pylint: disable=g-import-not-at-top
   cpu_allocator.reexec_with_tuned_malloc()
-  app.run(main)
+  app.run(main, flags_parser=config_flag.parse_flags)

@@ -24,7 +24,9 @@ section also reports the process's peak RSS.
 
 Sections (ViT-S dims d=384, h=1536 unless noted; groups in images of 197
 tokens):
-  targets   12608 tokens (64 images): the rows of the README targets.
+  targets   12608 tokens (64 images): the rows of the README targets
+            (with the Sinkhorn routers beside softmax token and expert
+            choice at 32 experts).
   methods   every router x dispatch strategy, 8 experts, 3152 tokens.
   experts   token choice over 8, 32, 128, 256 experts x groups of 1, 4, 16
             images, 3152 tokens.
@@ -81,9 +83,17 @@ class Case:
   def name(self) -> str:
     if self.router == 'soft':
       return 'soft'
-    if self.router == 'expert_choice':
-      return 'expert choice'
-    return f'token choice k={self.k}{" bpr" if self.bpr else ""}'
+    if self.router in EXPERT_CHOICE_NAMES:
+      return EXPERT_CHOICE_NAMES[self.router]
+    prefix = 'sinkhorn ' if self.router == 'sinkhorn_token_choice' else ''
+    return f'{prefix}token choice k={self.k}{" bpr" if self.bpr else ""}'
+
+
+EXPERT_CHOICE_NAMES = {
+    'expert_choice': 'expert choice',
+    'sinkhorn_expert_choice': 'sinkhorn expert choice',
+    'sparsity_constrained_expert_choice': 'sparsity-constrained expert choice',
+}
 
 
 def make_layer(c: Case) -> moe.MoeLayer:
@@ -93,7 +103,8 @@ def make_layer(c: Case) -> moe.MoeLayer:
                   k=c.k, batch_priority=c.bpr, dispatch=c.method,
                   capacity_factor=c.cf, num_slots=c.num_slots,
                   capacity=c.capacity,
-                  noise_std=0.0 if c.router == 'expert_choice' else None))
+                  noise_std=0.0 if c.router in EXPERT_CHOICE_NAMES
+                  else None))
   return moe.MoeLayer(d, h, config=cfg, rngs=nnx.Rngs(0))
 
 
@@ -125,8 +136,8 @@ def programs(module: nnx.Module, x: jax.Array, train_rngs: bool):
 def slots_of(layer: moe.MoeLayer, tokens: int) -> int:
   """Token-rows the experts process in a batch (active FLOPs / MLP FLOPs)."""
   s = layer.group_size
-  if layer.dispatch == 'dropless' and layer.router_type == 'token_choice':
-    return tokens * layer.k  # no buffers: only the (token, choice) pairs
+  if layer.dropless:
+    return tokens * layer.router.k  # no buffers: the (token, choice) pairs
   return tokens // s * layer.num_experts * layer.capacity_for(s, True)
 
 
@@ -218,12 +229,16 @@ def target_cases(quick: bool) -> list[Case]:
   tc2 = dict(k=2, bpr=True)
   einsum = Case('token_choice', 32, 4, method='einsum', **tc2)
   # Slots = tokens for Soft MoE: ceil(197 / 32) = 7 slots per expert.
+  # The Sinkhorn routers against their softmax counterparts (20 iterations).
+  sinkhorn_tc = Case('sinkhorn_token_choice', 32, 4, **tc2)
   if quick:
     return [Case('token_choice', 8, 1, **tc2), Case('token_choice', 32, 4, **tc2),
-            einsum, Case('soft', 32, 1)]
+            einsum, Case('soft', 32, 1), sinkhorn_tc]
   cases = [Case('token_choice', e, g, **tc2) for e in (8, 32) for g in (1, 4)]
   cases += [Case('token_choice', 8, 1), Case('token_choice', 32, 4)]
-  return cases + [einsum, Case('soft', 32, 1), Case('soft', 32, 4)]
+  cases += [einsum, Case('soft', 32, 1), Case('soft', 32, 4)]
+  return cases + [sinkhorn_tc, Case('expert_choice', 32, 4),
+                  Case('sinkhorn_expert_choice', 32, 4)]
 
 
 def method_cases() -> list[Case]:
@@ -234,6 +249,10 @@ def method_cases() -> list[Case]:
       cases.append(Case('token_choice', 8, 1, k, bpr, method))
     cases.append(Case('expert_choice', 8, 1, method=method))
     cases.append(Case('soft', 8, 1, method=method))
+    cases.append(Case('sinkhorn_token_choice', 8, 1, 2, True, method))
+    cases.append(Case('sinkhorn_expert_choice', 8, 1, method=method))
+    cases.append(Case('sparsity_constrained_expert_choice', 8, 1,
+                      method=method))
   # Dropless runs `jax.lax.ragged_dot`, whose CPU cost grows with the number
   # of experts (8-10x a dense MLP at 8): two rows. Soft MoE has no sparse
   # layout (its 'dropless' is the 'indices' path).

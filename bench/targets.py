@@ -60,6 +60,20 @@ def layer_targets(rows: list[Row], memory_rows: list[Row]) -> list[Row]:
       'Soft MoE (32 experts, slots = tokens, groups of 1 image) vs dense MLP',
       [('', r['fwd_bwd_ratio']) for r in soft], 1.2, lambda v: v <= 1.2,
       note='contractions alone cost 0.19x at the FLOP floor (see README)'))
+  ot_pairs = []
+  for layer, softmax in (('sinkhorn token choice k=2 bpr',
+                          'token choice k=2 bpr'),
+                         ('sinkhorn expert choice', 'expert choice')):
+    for r in _find(section, layer=layer, experts=32):
+      ref = _find(section, layer=softmax, dispatch=r['dispatch'], experts=32,
+                  group_images=r['group_images'])
+      if ref:
+        ot_pairs.append((f'{layer.split(" k=")[0]} g={r["group_images"]}',
+                         r['fwd_bwd_ms'] / ref[0]['fwd_bwd_ms']))
+  if ot_pairs:
+    out.append(_check(
+        'Sinkhorn routers (20 iterations) fwd+bwd vs the softmax router, '
+        '32 experts', ot_pairs, 1.3, lambda v: v <= 1.3))
   idx = [r['mb_per_1k_tokens'] for r in memory_rows
          if r['dispatch'] == 'indices']
   if idx:

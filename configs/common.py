@@ -27,6 +27,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.max_to_keep = 3
   config.label_smoothing = 0.0
   config.dry_run = False  # print parameter/FLOP counts and exit
+  # Start from a checkpoint (path None = from scratch): big_vision / vit_jax
+  # .npz, vmoe prefix or a workdir of ours; new head, resized position
+  # embeddings, freezing, sparse upcycling (vmoe/checkpoints/init_from.py).
+  config.init_from = ml_collections.ConfigDict(dict(
+      path=None, format='auto', head='auto', resize_posemb=True, reinit=None,
+      freeze=None, upcycle=False, upcycle_noise=0.0))
 
   # Device mesh: axis name -> size, -1 meaning all remaining devices. The batch
   # is split over every axis; expert weights over 'expert'.
@@ -68,6 +74,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.stochastic_depth = 0.0
   config.model.dtype = 'float32'  # activations; 'bfloat16' for mixed precision
   config.model.head_zero_init = True
+  # 'tanh' (jax.nn.gelu's default, used by vit_jax, big_vision and vmoe, so
+  # published weights compute the published function) | 'exact' (erf).
+  config.model.gelu = 'tanh'
+  # Sizes not among the named variants (e.g. imported checkpoints): None =
+  # from model.variant, whose patch size always applies.
+  config.model.width = None
+  config.model.depth = None
+  config.model.mlp_dim = None
+  config.model.num_heads = None
+  config.model.representation_size = None  # pre-logits Dense + tanh
   config.model.moe = None  # a ConfigDict from configs.common.moe_config()
 
   config.optimizer = ml_collections.ConfigDict()
@@ -86,6 +102,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.schedule.warmup_steps = 100
   config.schedule.end_lr_fraction = 0.0  # cosine/linear: final lr / peak lr
   config.schedule.rsqrt_timescale = 10_000
+
+  # Few-shot linear evaluation on frozen pre-logits (vmoe/evaluate/fewshot.py):
+  # every `every_steps` steps and at the last (0 = off), records with split
+  # 'fewshot' in metrics.jsonl. dataset / data_dir None = config.dataset's.
+  config.fewshot = ml_collections.ConfigDict(dict(
+      every_steps=0, dataset=None, data_dir=None, train_split='train',
+      test_split='test', shots=(1, 5, 10, 25), seeds=3, l2_reg=2.0 ** 10))
   return config
 
 

@@ -110,3 +110,24 @@ def test_mlp_block_runs_the_batched_mlp():
          dstate['fc2']['kernel'][...], dstate['fc2']['bias'][...])
   for g, r in zip(got, dw_ref):
     np.testing.assert_allclose(g, r[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('dropout', [False, True])
+def test_tanh_gelu_matches_reference(dropout):
+  """The tanh GELU (vit_jax / big_vision / vmoe): values equal jax.nn.gelu's
+  bit for bit, the hand-written VJP equals autodiff."""
+  args, target = _inputs(3, 5, 6, 10, scale=3.0)
+  keep = (layers.dropout_multiplier(0.3, jax.random.key(9), (3, 5, 10),
+                                    jnp.float32) if dropout else None)
+  tanh_mlp = lambda *a: batched_mlp.mlp(*a, approximate=True)
+  tanh_ref = lambda *a: batched_mlp.mlp_reference(*a, approximate=True)
+  (_, y), grads = _value_and_grads(tanh_mlp, args, target, keep)
+  (_, y_ref), grads_ref = _value_and_grads(tanh_ref, args, target, keep)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for name, g, g_ref in zip(('x', 'w1', 'b1', 'w2', 'b2'), grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5, err_msg=name)
+  exact, _ = _value_and_grads(batched_mlp.mlp, args, target, keep)
+  assert not np.allclose(exact[1], y, rtol=1e-6, atol=1e-6)  # forms differ
+  x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32)
+  value, _ = batched_mlp.gelu_and_derivative(x, approximate=True)
+  np.testing.assert_array_equal(value, jax.nn.gelu(x, approximate=True))

@@ -73,7 +73,9 @@ def test_missing_required_field(tmp_path):
 
 def test_sigkill_and_rerun_gives_identical_parameters(digits_data_dir,
                                                       tmp_path):
-  """Kill -9 at a random point (saves every step, so likely mid-save)."""
+  """Kill -9 at a random point (saves every step, so likely mid-save), then
+  corrupt the newest complete checkpoint: the rerun sets it aside, resumes
+  from the one before and still ends bit-identical."""
   config = tiny_digits_config_file(
       tmp_path, digits_data_dir, num_train_steps=16, eval_every_steps=16,
       checkpoint_every_steps=1, **{'model.dropout': 0.1,
@@ -98,9 +100,19 @@ def test_sigkill_and_rerun_gives_identical_parameters(digits_data_dir,
   assert child.poll() is None, 'run finished before it could be killed'
   child.send_signal(signal.SIGKILL)
   child.wait()
+  newest = max(int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit())
+  for data in (ckpt_dir / str(newest)).glob('default/ocdbt.process_0/d/*'):
+    with open(data, 'r+b') as f:
+      f.truncate(data.stat().st_size // 2)
 
   proc = _run(f'--config={config}', f'--workdir={killed}')
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().splitlines()[-1].startswith('done: step 16')
+  warnings = [l for l in proc.stderr.splitlines() if l.startswith('warning')]
+  assert len(warnings) == 1 and warnings[0].startswith(
+      f'warning: skipped checkpoint {newest} in {ckpt_dir} (')
+  assert (ckpt_dir / f'{newest}.corrupt').is_dir()
+  assert not list(ckpt_dir.glob('*orbax-checkpoint-tmp*'))
+  assert 'Traceback' not in proc.stderr
   jax.tree.map(np.testing.assert_array_equal, trainer.final_params(str(full)),
                trainer.final_params(str(killed)))

@@ -2,7 +2,12 @@
 metrics; evaluation at another capacity factor needs no retraining."""
 
 import importlib
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +15,7 @@ from vmoe.evaluate import capacity_sweep
 from vmoe.train import metrics_writer
 from vmoe.train import trainer
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ('vmoe_s32_last2_digits', 'vmoe_b16_digits', 'ec_moe_b16_digits',
            'soft_moe_b16_digits', 'soft_moe_s16_digits')
 ROUTING_METRICS = ('auxiliary_loss', 'dropped_fraction', 'router_entropy',
@@ -82,3 +88,20 @@ def test_eval_at_another_capacity_without_retraining(digits_data_dir,
   # factor 2 that takes a router sending over half the group to two experts,
   # rare but not impossible after 4 steps.
   assert high['dropped_fraction'] < min(0.01, low['dropped_fraction'] / 10)
+  # The command line prints the same numbers as a table and writes them.
+  overrides = [f'--config.dataset.data_dir={digits_data_dir}',
+               '--config.batch_size=32', '--config.eval_batch_size=100',
+               '--config.num_train_steps=4', '--config.log_every_steps=2',
+               '--config.eval_every_steps=4',
+               '--config.checkpoint_every_steps=4',
+               '--config.schedule.warmup_steps=1']
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vmoe.evaluate.capacity_sweep',
+       '--config=configs/vmoe_b16_digits.py', *overrides,
+       f'--workdir={tmp_path}', '--capacity_factors=0.25,2.0'],
+      cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"| 0.25 | {low['accuracy']:.4f} |" in proc.stdout, proc.stdout
+  with open(tmp_path / 'capacity_sweep.json') as f:
+    assert [r['capacity_factor'] for r in json.load(f)] == [0.25, 2.0]

@@ -77,3 +77,13 @@ def test_finite_batches_update_parameters():
                if np.array_equal(a, b)]
   assert not unchanged
   assert losses[-1] < losses[0]
+
+
+def test_all_finite_covers_every_floating_leaf():
+  tree = {'a': jnp.ones((3, 2)), 'b': (jnp.zeros(4, jnp.bfloat16),
+                                       jnp.arange(3))}
+  assert bool(steps.all_finite(tree))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    broken = dict(tree, b=(tree['b'][0].at[2].set(bad), tree['b'][1]))
+    assert not bool(steps.all_finite(broken))
+  assert bool(steps.all_finite({'count': jnp.int32(3)}))  # no float leaf

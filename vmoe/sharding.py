@@ -150,8 +150,13 @@ def _fsdp_options(config) -> tuple[int, str]:
 
 
 def validate_mesh_config(config: ml_collections.ConfigDict,
-                         num_devices: int | None = None) -> None:
+                         num_devices: int | None = None,
+                         tokens_per_image: int | None = None) -> None:
   """Checks mesh, rules, batch and expert divisibility before any work.
+
+  tokens_per_image: tokens entering the encoder per image (patches + class
+  token, `vmoe.nn.vit.num_tokens`), to check that `model.moe.group_size`
+  divides the tokens on each device; the check is skipped when None.
 
   Raises ValueError with one line naming the config field and its value.
   """
@@ -179,15 +184,30 @@ def validate_mesh_config(config: ml_collections.ConfigDict,
     raise ValueError(f'config.model.moe.num_experts={num_experts} is not a '
                      f'multiple of config.mesh.{expert_axis}='
                      f'{sizes[expert_axis]}')
+  from vmoe.nn import routers  # pylint: disable=g-import-not-at-top
+  from vmoe.nn import routing  # pylint: disable=g-import-not-at-top
+  decision = routers.get(moe.get('router', 'token_choice')).DECISION
+  # Dropless dispatch has no expert-parallel path; Soft MoE never drops.
   if (sizes['expert'] > 1 and moe.get('dispatch', 'indices') == 'dropless'
-      and moe.get('router', 'token_choice') != 'soft'):
+      and decision is not routing.SoftRouting):
     raise ValueError("config.model.moe.dispatch='dropless' does not support "
                      f"config.mesh.expert={sizes['expert']}; use 'indices' "
                      "or 'einsum'")
+  if sizes['expert'] > 1 and jax.default_backend() == 'cpu':
+    from pallas_kernels import registry  # pylint: disable=g-import-not-at-top
+    kernels = moe.get('kernels', 'auto')
+    if registry.pallas_parts(kernels, 'cpu'):
+      # The layer itself is right there (tests/pallas_ep_worker.py), but a
+      # training loop stalls: in jax 0.10.2 the interpreter's callbacks then
+      # wait on an operand that never becomes ready (second train step).
+      raise ValueError(
+          f'config.model.moe.kernels={kernels!r} with config.mesh.expert='
+          f"{sizes['expert']} on CPU devices: interpreted Pallas kernels in "
+          "the expert-parallel train step hang in jax's TPU interpreter; "
+          "use kernels='xla' on CPU")
   group_size = moe.get('group_size')
-  if group_size and num_devices > 1:
-    from vmoe.nn import vit  # pylint: disable=g-import-not-at-top
-    tokens = vit.num_tokens(config.model, config.preprocess.image_size)
+  if group_size and tokens_per_image:
+    tokens = tokens_per_image
     for name in ('batch_size', 'eval_batch_size'):
       local = -(-config[name] // num_devices) * tokens
       if local % group_size:

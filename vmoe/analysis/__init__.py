@@ -1,0 +1,40 @@
+"""Routing analysis: pure functions from a trained model and data to numpy
+arrays and pandas frames (plots belong to the notebooks).
+
+  from vmoe import analysis
+  run = analysis.load('/tmp/vmoe_b16_digits')           # config + checkpoint
+  trace = analysis.collect(run.model, analysis.eval_batches(run.config))
+  analysis.layer_summary(trace)      # dropped fraction, entropy, unused, ...
+  analysis.expert_load(trace)        # tokens and gate mass per expert
+  analysis.specialization(trace)     # expert-by-class NMI per layer
+  analysis.expert_maps(trace, 0)     # expert of every patch of image 0
+  analysis.capacity_sweep(run, [0.5, 1.0, 2.0])   # with / without BPR
+  analysis.expert_ablation(run.model, analysis.eval_batches(run.config))
+  analysis.fewshot_accuracy(run)     # n-shot ridge on frozen pre-logits
+
+Modules: loading (workdirs, eval batches), trace (per-token routing of every
+MoE layer), statistics (load, drops, entropy, unused experts), specialization
+(class usage, NMI, routing change between checkpoints), patch_maps (per-patch
+expert maps, Soft MoE weights and slot similarity), capacity (capacity sweep
+with and without BPR), ablation (experts switched off), batch_dependence,
+runs (training runs, their FLOPs and few-shot accuracy), claims (verdicts of
+published claims from measured values).
+"""
+
+from vmoe.analysis import claims
+from vmoe.analysis.ablation import expert_ablation, without_experts
+from vmoe.analysis.batch_dependence import batch_dependence, per_image_groups
+from vmoe.analysis.capacity import capacity_sweep
+from vmoe.analysis.loading import (Trained, checkpoint_steps,
+                                   config_from_workdir, eval_batches,
+                                   from_params, initialized, load)
+from vmoe.analysis.patch_maps import (SoftMaps, expert_maps, slot_similarity,
+                                      soft_maps)
+from vmoe.analysis.runs import (fewshot_accuracy, read_metrics, run_summary,
+                                train, train_flops_per_step)
+from vmoe.analysis.specialization import (class_usage,
+                                          normalized_mutual_information,
+                                          routing_change, specialization)
+from vmoe.analysis.statistics import (dropped_per_image, expert_load,
+                                      layer_summary, unused_experts)
+from vmoe.analysis.trace import LayerTrace, Trace, collect, token_view

@@ -46,6 +46,7 @@ import contextlib
 import io
 import math
 import os
+import re
 from typing import Iterator
 
 # Keep TensorFlow quiet and off accelerators; must happen before TF is imported.
@@ -57,6 +58,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from vmoe.data import preprocess_config  # pylint: disable=g-import-not-at-top
+
 try:  # The input pipeline runs on the host CPU; JAX owns any accelerator.
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
@@ -65,9 +68,8 @@ except (RuntimeError, ValueError):  # Devices already initialised / no TPU type.
 tf.get_logger().setLevel('ERROR')
 
 EMBEDDED_DATASETS = ('digits',)
-TRAIN_CROPS = ('random_resized', 'pad_random_crop', 'resize')
-RESIZE_METHODS = ('bilinear', 'bicubic', 'nearest', 'area', 'lanczos3',
-                  'lanczos5', 'gaussian', 'mitchellcubic')
+TRAIN_CROPS = preprocess_config.TRAIN_CROPS
+RESIZE_METHODS = preprocess_config.RESIZE_METHODS
 
 # Stream tags folded into the seed so the shuffle, augmentation and mixup
 # random streams are independent of each other.
@@ -76,7 +78,12 @@ _SHUFFLE, _AUGMENT, _MIXUP = 0, 1, 2
 _BUILDERS: dict[tuple[str, str | None], tfds.core.DatasetBuilder] = {}
 
 
-class DatasetNotFoundError(ValueError):
+class DataError(ValueError):
+  """Bad dataset config or unreadable data; the message is one line naming
+  the config field or the file."""
+
+
+class DatasetNotFoundError(DataError):
   """A dataset is unknown or not prepared in `data_dir` (one-line message)."""
 
 
@@ -134,6 +141,23 @@ def _build_lock(data_dir: str | None, name: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _check_data_dir(data_dir: str | None, *, create: bool) -> None:
+  """A local data_dir must be a directory (created for embedded datasets)."""
+  if not data_dir or '://' in data_dir:
+    return
+  field = f'config.dataset.data_dir={data_dir!r}'
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DataError(f'{field} is a file, not a directory')
+  if create:
+    try:
+      os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+      raise DataError(f'{field} cannot be created: {e.strerror}') from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+      raise DataError(f'{field} is not writable (the embedded dataset is '
+                      'built there on first use)')
+
+
 def prepare_dataset(dataset_cfg) -> tfds.core.DatasetBuilder:
   """Returns the prepared TFDS builder for `dataset_cfg.name` in its data_dir.
 
@@ -145,16 +169,21 @@ def prepare_dataset(dataset_cfg) -> tfds.core.DatasetBuilder:
     DatasetNotFoundError: unknown name, or not prepared and download is off.
   """
   name = dataset_cfg.name
+  if not isinstance(name, str) or not name:
+    raise DataError(f'config.dataset.name={name!r} must be a dataset name')
   data_dir = _data_dir(dataset_cfg)
   key = (name, data_dir)
   if key in _BUILDERS:
     return _BUILDERS[key]
   embedded = _base_name(name) in EMBEDDED_DATASETS
+  _check_data_dir(data_dir, create=embedded)
   if embedded:
     from vmoe.data import digits  # pylint: disable=g-import-not-at-top,unused-import
   try:
     with _quiet():
       builder = tfds.builder(name, data_dir=data_dir)
+  except DataError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     raise DatasetNotFoundError(
         f'Cannot load dataset config.dataset.name={name!r} (neither a known '
@@ -167,10 +196,15 @@ def prepare_dataset(dataset_cfg) -> tfds.core.DatasetBuilder:
           builder = tfds.builder(name, data_dir=data_dir)
         if not _is_prepared(builder):
           absl_logging.info('Preparing %s into %s', name, builder.data_dir)
-          with _quiet():
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    try_download_gcs=False))
+          try:
+            with _quiet():
+              builder.download_and_prepare(
+                  download_config=tfds.download.DownloadConfig(
+                      try_download_gcs=False))
+          except OSError as e:
+            raise DataError(
+                f'cannot build dataset {name!r} in config.dataset.data_dir='
+                f'{data_dir!r}: {_first_line(e)}') from None
     elif dataset_cfg.get('download', False):
       absl_logging.info('Downloading and preparing %s into %s', name,
                    builder.data_dir)
@@ -192,12 +226,16 @@ def prepare_dataset(dataset_cfg) -> tfds.core.DatasetBuilder:
 
 
 def _split_info(builder, split, field: str):
+  if split is None or split == '':
+    raise DataError(f'{field}={split!r} must be a split name such as '
+                    f'{next(iter(builder.info.splits.keys()), "train")!r}')
   try:
     return builder.info.splits[split]
-  except (KeyError, ValueError) as e:
-    raise ValueError(
-        f'Bad {field}={split!r} for dataset {builder.info.name!r} (splits: '
-        f'{", ".join(builder.info.splits.keys())}): {_first_line(e)}') from None
+  except (KeyError, ValueError, TypeError, AssertionError) as e:
+    raise DataError(
+        f'{field}={split!r} is not a split of dataset {builder.info.name!r} '
+        f'(splits: {", ".join(builder.info.splits.keys())}): '
+        f'{_first_line(e)}') from None
 
 
 def num_examples(dataset_cfg, split: str) -> int:
@@ -213,7 +251,7 @@ def num_classes(dataset_cfg) -> int:
   features = builder.info.features
   feature = features[label_key] if label_key in features.keys() else None
   if not isinstance(feature, tfds.features.ClassLabel):
-    raise ValueError(
+    raise DataError(
         f'config.dataset.label_key={label_key!r} is not a ClassLabel feature '
         f'of {builder.info.name!r} (features: '
         f'{", ".join(builder.info.features.keys())})')
@@ -225,9 +263,9 @@ def num_classes(dataset_cfg) -> int:
 
 def _local_batch(global_batch: int, process_count: int, field: str) -> int:
   if not isinstance(global_batch, int) or global_batch <= 0:
-    raise ValueError(f'{field}={global_batch!r} must be a positive integer')
+    raise DataError(f'{field}={global_batch!r} must be a positive integer')
   if global_batch % process_count:
-    raise ValueError(f'{field}={global_batch} is not divisible by the number '
+    raise DataError(f'{field}={global_batch} is not divisible by the number '
                      f'of processes ({process_count})')
   return global_batch // process_count
 
@@ -240,40 +278,146 @@ def _check_process(process_index: int, process_count: int):
 
 def _check_preprocess(pp):
   """Validates config.preprocess before any work (one-line errors)."""
-  size = pp.image_size
-  if not isinstance(size, int) or size <= 0:
-    raise ValueError(
-        f'config.preprocess.image_size={size!r} must be a positive integer')
-  if pp.num_channels not in (1, 3):
-    raise ValueError(
-        f'config.preprocess.num_channels={pp.num_channels!r} must be 1 or 3')
-  if pp.train_crop not in TRAIN_CROPS:
-    raise ValueError(f'config.preprocess.train_crop={pp.train_crop!r} must be '
-                     f'one of {TRAIN_CROPS}')
-  if pp.get('resize_method', 'bilinear') not in RESIZE_METHODS:
-    raise ValueError(
-        f'config.preprocess.resize_method={pp.get("resize_method")!r} must be '
-        f'one of {RESIZE_METHODS}')
-  lo_hi = tuple(pp.value_range)
-  if len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
-    raise ValueError(
-        f'config.preprocess.value_range={pp.value_range!r} must be (lo, hi) '
-        f'with lo < hi')
-  if pp.get('mixup_alpha', 0.0) < 0:
-    raise ValueError(
-        f'config.preprocess.mixup_alpha={pp.mixup_alpha!r} must be >= 0')
-  if pp.train_crop == 'random_resized':
-    lo, hi = pp.get('crop_scale', (0.08, 1.0))
-    if not 0 < lo <= hi <= 1:
-      raise ValueError(f'config.preprocess.crop_scale={pp.crop_scale!r} must '
-                       f'satisfy 0 < lo <= hi <= 1')
-  if pp.train_crop == 'pad_random_crop' and pp.get('crop_padding', 0) < 0:
-    raise ValueError(
-        f'config.preprocess.crop_padding={pp.crop_padding!r} must be >= 0')
-  frac = pp.get('eval_crop_fraction', 1.0)
-  if not 0 < frac <= 1:
-    raise ValueError(
-        f'config.preprocess.eval_crop_fraction={frac!r} must be in (0, 1]')
+  try:
+    preprocess_config.check_preprocess(pp)
+  except ValueError as e:
+    raise DataError(str(e)) from None
+
+
+# Reading the record framing of a shard stops after this many seconds (the
+# up-front check of large datasets is then partial).
+_FRAMING_CHECK_SECONDS = 10.0
+# Looking for the unreadable file after a read error stops after this long.
+_LOCATE_SECONDS = 120.0
+
+
+def _split_files(builder, split, field: str) -> list[tuple[str, int]]:
+  """(path, records in the file) of every file `split` reads, in order."""
+  info = _split_info(builder, split, field)
+  files = {}
+  for instruction in info.file_instructions:
+    files[os.fspath(instruction.filename)] = instruction.examples_in_shard
+  return list(files.items())
+
+
+def _framing_error(path: str, num_records: int, deadline: float) -> str | None:
+  """Why `path` is not a TFRecord file of `num_records` records, or None.
+
+  Walks the 12-byte record headers (length + its CRC) and seeks over the
+  data, so a truncated, cut or padded file is found without reading it;
+  data CRCs are only checked when the records are read. Gives up (None) at
+  `deadline` (time.monotonic()).
+  """
+  import struct  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  size = os.path.getsize(path)
+  offset = count = 0
+  with open(path, 'rb') as f:
+    while offset < size:
+      if count % 4096 == 0 and time.monotonic() > deadline:
+        return None
+      header = f.read(12)
+      if len(header) < 12:
+        return f'is truncated: a record header ends the file at byte {offset}'
+      (length,) = struct.unpack('<Q', header[:8])
+      end = offset + 12 + length + 4
+      if end > size:
+        return (f'is truncated or corrupted: record {count} at byte {offset} '
+                f'claims {length} bytes, the file has {size}')
+      f.seek(end)
+      offset, count = end, count + 1
+  if count != num_records:
+    return f'holds {count} records, dataset_info.json says {num_records}'
+  return None
+
+
+def _check_files(builder, split, field: str) -> None:
+  """Every file of `split` is present, and its framing is intact."""
+  import time  # pylint: disable=g-import-not-at-top
+  fmt = getattr(builder.info, 'file_format', None)
+  tfrecord = getattr(fmt, 'value', fmt) in (None, 'tfrecord')
+  deadline = time.monotonic() + _FRAMING_CHECK_SECONDS
+  for path, num_records in _split_files(builder, split, field):
+    if '://' in path:
+      continue
+    if not os.path.isfile(path):
+      raise DataError(f'{field}={split!r} of dataset {builder.info.name!r} '
+                      f'cannot be read: file {path} is missing')
+    why = _framing_error(path, num_records, deadline) if tfrecord else None
+    if why:
+      raise DataError(f'{field}={split!r}: file {path} {why}')
+
+
+def check_data(config, *, process_count: int = 1) -> None:
+  """Every dataset error that can be known before training, in one line.
+
+  The dataset is prepared (the embedded `digits` is built on first use);
+  train and eval splits exist, are non-empty for every process and all their
+  files are present with intact framing; the image and label features exist;
+  config.preprocess is valid; the batch sizes divide over the processes.
+
+  Raises:
+    DataError (DatasetNotFoundError for a dataset that is not prepared).
+  """
+  dcfg = config.dataset
+  _check_preprocess(config.preprocess)
+  _local_batch(config.batch_size, process_count, 'config.batch_size')
+  _local_batch(config.eval_batch_size, process_count,
+               'config.eval_batch_size')
+  builder = prepare_dataset(dcfg)
+  num_classes(dcfg)
+  _image_feature(builder, dcfg.get('image_key', 'image'))
+  for field, split in (('config.dataset.train_split', dcfg.train_split),
+                       ('config.dataset.eval_split', dcfg.eval_split)):
+    if _split_info(builder, split, field).num_examples == 0:
+      raise DataError(f'{field}={split!r} has no examples')
+    _check_files(builder, split, field)
+  for index in range(process_count):
+    share = tfds.split_for_jax_process(
+        dcfg.train_split, process_index=index, process_count=process_count)
+    if _split_info(builder, share,
+                   'config.dataset.train_split').num_examples == 0:
+      raise DataError(
+          f'config.dataset.train_split={dcfg.train_split!r} has no examples '
+          f'for process {index} of {process_count}')
+
+
+def _tf_error_text(e: Exception) -> str:
+  """The informative part of a tf.errors.OpError message, on one line."""
+  text = ' '.join(str(getattr(e, 'message', e)).split())
+  text = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', text)
+  text = re.sub(r'\s*\[Op:[^\]]*\].*$', '', text)
+  return text.strip() or type(e).__name__
+
+
+def _unreadable_file(files: list[str]) -> tuple[str, str] | None:
+  """(path, error) of the first TFRecord file in `files` that fails to read."""
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + _LOCATE_SECONDS
+  for path in files:
+    if '://' not in path and not os.path.isfile(path):
+      return path, 'the file is missing'
+    try:
+      ds = tf.data.TFRecordDataset(path).batch(1024)
+      for _ in ds:
+        if time.monotonic() > deadline:
+          return None
+    except tf.errors.OpError as e:
+      return path, _tf_error_text(e)
+  return None
+
+
+def _read_error(builder, split, field: str, e: Exception) -> DataError:
+  """A one-line DataError for a TF error met while reading `split`."""
+  files = [p for p, _ in _split_files(builder, split, field)]
+  found = _unreadable_file(files) if isinstance(
+      e, (tf.errors.DataLossError, tf.errors.NotFoundError,
+          tf.errors.OutOfRangeError)) else None
+  if found:
+    path, why = found
+    return DataError(f'{field}={split!r}: cannot read {path}: {why}')
+  return DataError(f'{field}={split!r} of dataset {builder.info.name!r} '
+                   f'cannot be read ({_tf_error_text(e)})')
 
 
 # ------------------------------------------------------------- preprocessing --
@@ -281,8 +425,8 @@ def _check_preprocess(pp):
 
 def _image_feature(builder, image_key: str):
   features = builder.info.features
-  if image_key not in features.keys():
-    raise ValueError(
+  if not isinstance(image_key, str) or image_key not in features.keys():
+    raise DataError(
         f'config.dataset.image_key={image_key!r} is not a feature of '
         f'{builder.info.name!r} (features: {", ".join(features.keys())})')
   return features[image_key]
@@ -399,6 +543,16 @@ def _eval_image(image, pp) -> tf.Tensor:
                          [size, size, pp.num_channels])
 
 
+def eval_image(image, pp) -> np.ndarray:
+  """Encoded image bytes (JPEG/PNG/...) or a uint8 [h, w, c] array -> float32
+  [S, S, C] preprocessed exactly as the eval split (decode, resize the short
+  side, central crop, value_range); pp: config.preprocess."""
+  _check_preprocess(pp)
+  image = _eval_image(_decode(tf.convert_to_tensor(image), pp.num_channels),
+                      pp)
+  return _normalise(image, pp.value_range).numpy()
+
+
 def _mixup(batch, key, alpha: float):
   """Mixes each example with its neighbour: x' = lam x + (1 - lam) roll(x).
 
@@ -426,8 +580,17 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _as_numpy(ds) -> Iterator[dict[str, np.ndarray]]:
-  for batch in ds.as_numpy_iterator():
+def _as_numpy(ds, builder, split, field: str
+              ) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of `ds` as numpy; a read error becomes a one-line DataError."""
+  iterator = iter(ds.as_numpy_iterator())
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      raise _read_error(builder, split, field, e) from None
     yield batch
 
 
@@ -513,7 +676,7 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
 
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _as_numpy(ds)
+  return _as_numpy(ds, builder, dcfg.train_split, 'config.dataset.train_split')
 
 
 def _eval_shares(builder, split, process_count: int):
@@ -572,5 +735,5 @@ def eval_iterator(config, *, process_index: int = 0,
   }).repeat(num_pad)
   ds = ds.concatenate(padding).batch(b, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _as_numpy(ds)
+  return _as_numpy(ds, builder, dcfg.eval_split, 'config.dataset.eval_split')
 

@@ -15,18 +15,28 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 from typing import Sequence
 
 import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir with checkpoints.')
-_FACTORS = flags.DEFINE_list('capacity_factors', ['0.5', '1.0', '1.5', '2.0'],
-                             'Eval capacity factors to try.')
+from vmoe import config_flag
+
+
+def define_flags() -> types.SimpleNamespace:
+  """Defines the command's flags (only when run as a command: importing the
+  library defines no absl flags, which are global)."""
+  return types.SimpleNamespace(
+      config=config_flag.define_config_flag('config',
+                                            'Config file of the run.'),
+      workdir=flags.DEFINE_string('workdir', None,
+                                  'Workdir with checkpoints.'),
+      capacity_factors=flags.DEFINE_list(
+          'capacity_factors', ['0.5', '1.0', '1.5', '2.0'],
+          'Eval capacity factors to try.'))
 
 
 def sweep(config: ml_collections.ConfigDict, workdir: str,
@@ -60,19 +70,21 @@ def sweep(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def main(argv):
+def main(argv, f: types.SimpleNamespace):
+  """The command; f: `define_flags()`."""
   del argv
-  if _CONFIG.value is None or not _WORKDIR.value:
+  config = config_flag.config_value(f.config)
+  if config is None or not f.workdir.value:
     print('error: --config and --workdir are required', file=sys.stderr)
     sys.exit(2)
   try:
-    factors = [float(f) for f in _FACTORS.value]
+    factors = [float(x) for x in f.capacity_factors.value]
   except ValueError:
-    print(f'error: --capacity_factors={",".join(_FACTORS.value)} must be '
-          'numbers', file=sys.stderr)
+    print(f'error: --capacity_factors={",".join(f.capacity_factors.value)} '
+          'must be numbers', file=sys.stderr)
     sys.exit(2)
   try:
-    results = sweep(_CONFIG.value, _WORKDIR.value, factors)
+    results = sweep(config, f.workdir.value, factors)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -81,9 +93,10 @@ def main(argv):
   for r in results:
     print(f"| {r['capacity_factor']:.2f} | {r['accuracy']:.4f} | "
           f"{r['loss']:.4f} | {r['dropped_fraction']:.4f} |")
-  with open(os.path.join(_WORKDIR.value, 'capacity_sweep.json'), 'w') as f:
-    json.dump(results, f, indent=1)
+  with open(os.path.join(f.workdir.value, 'capacity_sweep.json'), 'w') as out:
+    json.dump(results, out, indent=1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _flags = define_flags()
+  app.run(lambda argv: main(argv, _flags), flags_parser=config_flag.parse_flags)

@@ -22,6 +22,10 @@ Strategies (identical results for the same decision, up to float rounding):
     matmuls (`jax.lax.ragged_dot`), no [e, g, c, d] buffers. Slow on CPU, where
     ragged_dot costs time proportional to the number of experts.
 
+Every method but 'einsum' can move the tokens with Pallas kernels instead
+of the XLA gathers below (`kernels=` = `model.moe.kernels`; the kernels and
+their selection live in `pallas_kernels/`).
+
 Axis letters: g groups, s tokens per group, e experts, c capacity, d model
 dim, k choices per token, n = e * c slots, m = number of (token, choice) pairs.
 """
@@ -33,6 +37,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import registry
 from vmoe.nn import routing as rt
 
 Array = jax.Array
@@ -245,13 +250,29 @@ soft_combine.defvjp(_soft_combine_fwd, _soft_combine_bwd)
 # ----------------------------------------------------------------------------
 
 
-def dispatch(r: rt.Routing, x: Array, method: str = 'indices') -> Array:
+def _kernel(kernels: str, method: str, r: rt.Routing):
+  """The dispatch / combine kernel module that `kernels` selects for this
+  decision (`pallas_kernels.registry`), or None: the XLA code below. The
+  one-hot 'einsum' reference never runs a kernel."""
+  if method == 'einsum':
+    return None
+  part = 'soft' if isinstance(r, rt.SoftRouting) else 'dispatch'
+  return registry.lookup(kernels, part, type(r).__name__)
+
+
+def dispatch(r: rt.Routing, x: Array, method: str = 'indices',
+             kernels: str = 'xla') -> Array:
   """Tokens [g, s, d] -> expert buffers [e, g, c, d] (empty slots are zero).
 
   For 'dropless' this is the 'indices' layout (dropless only differs in
-  `moe_apply`, where it skips the buffers).
+  `moe_apply`, where it skips the buffers). `kernels`: `model.moe.kernels`;
+  where it selects a Pallas kernel for this decision, the kernel replaces
+  the 'indices' gathers (`pallas_kernels.registry`).
   """
   _check_method(method)
+  kernel = _kernel(kernels, method, r)
+  if kernel is not None:
+    return kernel.dispatch(r, x)
   g, s, d = x.shape
   if method == 'einsum':
     mask = rt.dense_dispatch(r).astype(x.dtype)
@@ -268,12 +289,16 @@ def dispatch(r: rt.Routing, x: Array, method: str = 'indices') -> Array:
   raise TypeError(f'unknown routing {type(r)}')
 
 
-def combine(r: rt.Routing, outputs: Array, method: str = 'indices') -> Array:
+def combine(r: rt.Routing, outputs: Array, method: str = 'indices',
+            kernels: str = 'xla') -> Array:
   """Expert outputs [e, g, c, d] -> tokens [g, s, d], weighted by the gates.
 
-  Dropped tokens get exactly zero.
+  Dropped tokens get exactly zero. `kernels`: as in `dispatch`.
   """
   _check_method(method)
+  kernel = _kernel(kernels, method, r)
+  if kernel is not None:
+    return kernel.combine(r, outputs)
   e, g, c, d = outputs.shape
   if method == 'einsum':
     weights = rt.dense_combine(r).astype(outputs.dtype)
@@ -323,7 +348,7 @@ def _dropless_token_choice(r: rt.TokenChoiceRouting, x: Array,
 
 
 def _dropless_expert_choice(r: rt.ExpertChoiceRouting, x: Array,
-                            ragged_fn: RaggedFn) -> Array:
+                            ragged_fn: RaggedFn, kernels: str) -> Array:
   g, s, d = x.shape
   e, c = r.num_experts, r.capacity
   # Expert-major rows: [e, g, c] are already sorted by expert.
@@ -332,7 +357,7 @@ def _dropless_expert_choice(r: rt.ExpertChoiceRouting, x: Array,
   sizes = jnp.full((e,), g * c, jnp.int32)
   expert_id = jnp.repeat(jnp.arange(e, dtype=jnp.int32), g * c)
   ys = ragged_fn(xs, sizes, expert_id).reshape(e, g, c, d)
-  return combine(r, ys, 'indices')
+  return combine(r, ys, 'indices', kernels)
 
 
 # ----------------------------------------------------------------------------
@@ -342,7 +367,8 @@ def _dropless_expert_choice(r: rt.ExpertChoiceRouting, x: Array,
 
 def moe_apply(r: rt.Routing, x: Array, expert_fn: ExpertFn, *,
               method: str = 'indices',
-              ragged_fn: RaggedFn | None = None) -> Array:
+              ragged_fn: RaggedFn | None = None,
+              kernels: str = 'xla') -> Array:
   """Routes x [g, s, d] through the experts and back to [g, s, d].
 
   Args:
@@ -352,6 +378,7 @@ def moe_apply(r: rt.Routing, x: Array, expert_fn: ExpertFn, *,
     method: 'indices' | 'einsum' | 'dropless'.
     ragged_fn: experts on expert-sorted rows, needed for 'dropless' with hard
       routers (Soft MoE has no sparse layout; it uses 'indices').
+    kernels: `model.moe.kernels` (see `dispatch`).
   """
   _check_method(method)
   if method == 'dropless' and not isinstance(r, rt.SoftRouting):
@@ -359,6 +386,6 @@ def moe_apply(r: rt.Routing, x: Array, expert_fn: ExpertFn, *,
       raise ValueError("dispatch 'dropless' needs ragged_fn")
     if isinstance(r, rt.TokenChoiceRouting):
       return _dropless_token_choice(r, x, ragged_fn)
-    return _dropless_expert_choice(r, x, ragged_fn)
-  buffers = dispatch(r, x, method)
-  return combine(r, expert_fn(buffers), method)
+    return _dropless_expert_choice(r, x, ragged_fn, kernels)
+  buffers = dispatch(r, x, method, kernels)
+  return combine(r, expert_fn(buffers), method, kernels)

@@ -146,17 +146,20 @@ class MlpBlock(nnx.Module):
   """Transformer MLP: Dense(d->h) -> GELU -> dropout -> Dense(h->d).
 
   x: [b, n, d] -> y: [b, n, d]. Returns (y, {}) to match the MoE slot signature.
+  gelu: 'exact' (erf) or 'tanh' (the approximation of the reference ViT code;
+  `model.gelu` selects it for a whole model, see `vmoe.nn.vit`).
   """
 
   def __init__(self, dim: int, hidden_dim: int, *, dropout_rate: float = 0.0,
-               dtype: DType | None = None, param_dtype: DType = jnp.float32,
-               rngs: nnx.Rngs):
+               gelu: str = 'exact', dtype: DType | None = None,
+               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     bias_init = nnx.initializers.normal(stddev=1e-6)
     self.fc1 = Dense(dim, hidden_dim, axes=('embed', 'mlp'), bias_init=bias_init,
                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc2 = Dense(hidden_dim, dim, axes=('mlp', 'embed'), bias_init=bias_init,
                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout_rate = dropout_rate
+    self.approximate_gelu = batched_mlp.gelu_approximate(gelu)
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
@@ -170,4 +173,5 @@ class MlpBlock(nnx.Module):
     keep = dropout_multiplier(
         self.dropout_rate, dropout_key(self.dropout_rate, train, rngs),
         (1, rows.shape[1], w1.shape[-1]), dtype)
-    return batched_mlp.mlp(rows, w1, b1, w2, b2, keep).reshape(*lead, -1), {}
+    y = batched_mlp.mlp(rows, w1, b1, w2, b2, keep, self.approximate_gelu)
+    return y.reshape(*lead, -1), {}

@@ -4,17 +4,22 @@
 
     y, metrics = layer(x, train=..., rngs=...)     # x, y: [b, n, d]
 
-The layer splits the b*n tokens into groups of `group_size` tokens (tokens of
-several images may share a group, as in V-MoE), routes each group
-independently with one of
+The layer is plumbing. It splits the b*n tokens into groups of `group_size`
+tokens (tokens of several images may share a group, as in V-MoE), asks its
+router (`vmoe.nn.routers`, chosen by `model.moe.router`: token choice with
+Batch Priority Routing, expert choice, Soft MoE, ...) for a routing decision
+per group, moves the tokens with a strategy of `vmoe.nn.dispatch`, runs all
+experts as one batched MLP, combines, and adds the optional shared experts.
+With an 'expert' mesh axis it runs the decision and the token movement per
+device with two all-to-alls (expert parallelism). It never branches on the
+router's name.
 
-  * 'token_choice': V-MoE top-k with capacity and optional Batch Priority
-    Routing (Riquelme et al. 2021, https://arxiv.org/abs/2106.05974),
-  * 'expert_choice': Zhou et al. 2022 (https://arxiv.org/abs/2202.09368),
-  * 'soft': Soft MoE (Puigcerver et al. 2023, https://arxiv.org/abs/2308.00951),
-
-moves the tokens with a strategy of `vmoe.nn.dispatch` and runs all experts
-as one batched MLP. Routing math lives in `vmoe.nn.routing`.
+Options beyond the router's own (see `default_moe_config`): shared experts
+(always-on MLPs applied to every token beside the routed ones: DeepSeekMoE,
+Dai et al. 2024, https://arxiv.org/abs/2401.06066; ViMoE) and fine-grained
+experts (each expert split into m experts of h / m hidden units and k scaled
+by m, at equal active FLOPs and expert parameters: DeepSeekMoE; Krajewski et
+al. 2024, https://arxiv.org/abs/2402.07871).
 
 Axis letters: g groups, s tokens per group, e experts, c capacity, d model
 dim, h hidden dim, k choices per token, p Soft MoE slots per expert.
@@ -22,6 +27,7 @@ dim, h hidden dim, k choices per token, p Soft MoE slots per expert.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
@@ -30,17 +36,19 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pallas_kernels import registry as kernel_registry
 from vmoe import sharding
 from vmoe.nn import batched_mlp
 from vmoe.nn import dispatch as dp
 from vmoe.nn import layers
+from vmoe.nn import routers
 from vmoe.nn import routing as rt
-from vmoe.nn.layers import AUX_LOSS_KEY, DType, param
+from vmoe.nn.layers import DType, param
+# Re-exported: the metrics every MoE layer reports.
+# pylint: disable-next=unused-import
+from vmoe.nn.routers import base as router_base
+from vmoe.nn.routers.base import LOSS_KEYS, METRIC_KEYS
 
-ROUTERS = ('token_choice', 'expert_choice', 'soft')
-LOSS_KEYS = ('importance_loss', 'load_loss', 'balance_loss', 'z_loss')
-METRIC_KEYS = (AUX_LOSS_KEY, *LOSS_KEYS, 'dropped_fraction', 'router_entropy',
-               'capacity', 'expert_load')
 # Fields that may sit in the same config but belong to the model placing the
 # MoE layers (`vmoe.nn.vit`: which blocks are MoE); ignored here.
 MODEL_KEYS = ('layers',)
@@ -54,12 +62,12 @@ MODEL_KEYS = ('layers',)
 def default_moe_config() -> ml_collections.ConfigDict:
   """All MoE options with V-MoE defaults.
 
-  Fields:
-    router: 'token_choice' | 'expert_choice' | 'soft'.
+  Fields of the layer:
+    router: a registered router name (`vmoe.nn.routers.names()`):
+      'token_choice' | 'expert_choice' | 'soft' | ...
     num_experts: e.
     group_size: tokens per routing group; None = the tokens of one image. Must
       divide batch * tokens_per_image.
-    k: experts per token (token choice only).
     capacity_factor: training capacity factor. Token choice:
       c = ceil(k * s * cf / e); expert choice: c = ceil(s * cf / e);
       Soft MoE: p = ceil(s * cf / e) slots per expert when num_slots is None.
@@ -67,36 +75,72 @@ def default_moe_config() -> ml_collections.ConfigDict:
       training). Changeable after training, see `set_capacity_factor`.
     capacity: explicit per-expert capacity, overrides the factors.
     capacity_multiple: round the capacity up to a multiple of this.
-    batch_priority: Batch Priority Routing (token choice).
-    noise_std: std of the Gaussian noise added to router logits in training
-      (token and expert choice); None = 1 / num_experts (V-MoE); 0.0 = off.
-    renormalize_gates: combine with the top-k gates divided by their sum.
-    num_slots: Soft MoE slots per expert (None = from capacity_factor).
+    capacity_rounding: 'ceil' (default) or 'round' (Python round, as
+      google-research/vmoe offers, and uses for Soft MoE slot counts; it
+      rejects a capacity that rounds below 1).
     dispatch: 'indices' (default, fast on CPU) | 'einsum' (reference) |
       'dropless' (sorted grouped matmuls; token choice then never drops).
+    kernels: which parts of the layer run as Pallas kernels
+      (`pallas_kernels/`): 'xla' (none), 'pallas' (every part with a kernel
+      for this router and dispatch), 'pallas:routing,dispatch' (the listed
+      parts of routing, dispatch, gmm, soft), 'auto' (default: XLA on every
+      platform until a kernel is measured faster there). Interpreted on a
+      CPU host (slow: for tests). Parts without a kernel for the decision
+      at hand run their XLA code (`pallas_kernels.registry`).
+    bf16_dispatch: round the tokens entering dispatch and the expert outputs
+      entering combine to bfloat16 and back (google-research/vmoe's
+      Bfloat16Dispatcher, on in its Soft MoE and in its V-MoE paper configs,
+      even in float32; the casts round the gradients too, as there). Off by
+      default; on to reproduce imported vmoe models to the last bit.
+    num_shared_experts: always-on expert MLPs applied to every token and added
+      to the routed output (0 = none); not split over the expert mesh axis.
+    shared_hidden_dim: hidden size of each shared expert (None = the MLP
+      hidden size of the block).
+    granularity: m >= 1 splits every expert into m experts of h / m hidden
+      units: num_experts is multiplied by m and the router keeps the active
+      FLOPs of m = 1 (token choice: k * m; expert choice and Soft MoE: the
+      same slots per expert). Expert parameters and active FLOPs stay those
+      of m = 1; only the router (e * m gates or slot vectors) grows.
     *_loss_weight: weights of the auxiliary losses in `auxiliary_loss`.
       Importance, load and balance losses balance token choice and only enter
       its auxiliary loss; the z-loss applies to every router (on the slot
       logits for Soft MoE). The unweighted values are always reported.
+
+  Router options (each router's `OPTIONS`, `vmoe.nn.routers`), among them:
+    k: experts per token (token choice).
+    batch_priority: Batch Priority Routing (token choice).
+    noise_std: std of the Gaussian noise added to router logits in training
+      (gate routers); None = the router's default: 1 / num_experts (V-MoE),
+      none for sparsity-constrained expert choice; 0.0 = off.
+    renormalize_gates: combine with the top-k gates divided by their sum.
+    num_slots: Soft MoE slots per expert (None = from capacity_factor).
+    sinkhorn_iterations, sinkhorn_mode: the Sinkhorn routers' fixed iteration
+      count (20, as vmoe) and arithmetic ('kernel' as vmoe | 'log').
+    ot_combine_weights: combine weights of the optimal-transport routers:
+      'softmax' (default) | 'clean_softmax' | 'plan'.
+    sparse_ot_steps, sparse_ot_learning_rate: the Adam budget of the
+      sparsity-constrained plan (20 steps, 1e-2).
   """
   return ml_collections.ConfigDict(dict(
       router='token_choice',
       num_experts=8,
       group_size=None,
-      k=2,
       capacity_factor=1.05,
       eval_capacity_factor=None,
       capacity=None,
       capacity_multiple=None,
-      batch_priority=False,
-      noise_std=None,
-      renormalize_gates=False,
-      num_slots=None,
+      capacity_rounding='ceil',
       dispatch='indices',
+      kernels='auto',
+      bf16_dispatch=False,
+      num_shared_experts=0,
+      shared_hidden_dim=None,
+      granularity=1,
       importance_loss_weight=0.005,
       load_loss_weight=0.005,
       balance_loss_weight=0.0,
       z_loss_weight=0.0,
+      **routers.default_options(),
   ))
 
 
@@ -107,17 +151,21 @@ def _merged(cfg) -> types.SimpleNamespace:
   return types.SimpleNamespace(**values)
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
+_is_int, _is_num = router_base.is_int, router_base.is_num
 
 
 def validate_moe_config(cfg: ml_collections.ConfigDict,
-                        prefix: str = 'model.moe') -> None:
-  """Raises ValueError with one readable line for the first bad field."""
+                        prefix: str = 'model.moe',
+                        mlp_dim: int | None = None,
+                        other_router_options: bool = True) -> None:
+  """Raises ValueError with one readable line for the first bad field.
+
+  mlp_dim: the MLP hidden size of the model, to check that `granularity`
+  (and nothing else) divides it; skipped when None.
+  other_router_options: accept options of other routers (ignored by the
+  layer). A run's config refuses them when they differ from their defaults,
+  since they would do nothing (`--config.model.moe.k=4` on expert choice).
+  """
   def fail(msg):
     raise ValueError(msg)
 
@@ -130,17 +178,16 @@ def validate_moe_config(cfg: ml_collections.ConfigDict,
 
   def need(cond, field, what):
     if not cond:
-      fail(f'{prefix}.{field}={getattr(c, field)!r} {what}')
+      fail(f'{prefix}.{field}={getattr(c, field)!r} '
+           f'{what.replace("model.moe.", prefix + ".")}')
 
-  need(c.router in ROUTERS, 'router', f'is not one of {ROUTERS}')
+  need(c.router in routers.names(), 'router',
+       f'is not one of {routers.names()}')
   need(c.dispatch in dp.METHODS, 'dispatch', f'is not one of {dp.METHODS}')
   need(_is_int(c.num_experts) and c.num_experts >= 1, 'num_experts',
        'must be an integer >= 1')
   need(c.group_size is None or (_is_int(c.group_size) and c.group_size >= 1),
        'group_size', 'must be None or an integer >= 1')
-  need(_is_int(c.k) and c.k >= 1, 'k', 'must be an integer >= 1')
-  if c.router == 'token_choice' and c.k > c.num_experts:
-    fail(f'{prefix}.k={c.k} exceeds {prefix}.num_experts={c.num_experts}')
   need(_is_num(c.capacity_factor) and c.capacity_factor > 0,
        'capacity_factor', 'must be a number > 0')
   need(c.eval_capacity_factor is None
@@ -151,20 +198,31 @@ def validate_moe_config(cfg: ml_collections.ConfigDict,
   need(c.capacity_multiple is None
        or (_is_int(c.capacity_multiple) and c.capacity_multiple >= 1),
        'capacity_multiple', 'must be None or an integer >= 1')
-  need(isinstance(c.batch_priority, bool), 'batch_priority', 'must be a bool')
-  need(isinstance(c.renormalize_gates, bool), 'renormalize_gates',
-       'must be a bool')
-  need(c.noise_std is None or (_is_num(c.noise_std) and c.noise_std >= 0),
-       'noise_std', 'must be None (= 1/num_experts) or a number >= 0')
-  need(c.num_slots is None or (_is_int(c.num_slots) and c.num_slots >= 1),
-       'num_slots', 'must be None or an integer >= 1')
+  need(c.capacity_rounding in rt.CAPACITY_ROUNDINGS, 'capacity_rounding',
+       f'is not one of {rt.CAPACITY_ROUNDINGS}')
+  need(isinstance(c.bf16_dispatch, bool), 'bf16_dispatch', 'must be a bool')
+  need(_is_int(c.num_shared_experts) and c.num_shared_experts >= 0,
+       'num_shared_experts', 'must be an integer >= 0')
+  need(c.shared_hidden_dim is None
+       or (_is_int(c.shared_hidden_dim) and c.shared_hidden_dim >= 1),
+       'shared_hidden_dim', 'must be None or an integer >= 1')
+  need(_is_int(c.granularity) and c.granularity >= 1, 'granularity',
+       'must be an integer >= 1')
+  if mlp_dim is not None:
+    need(mlp_dim % c.granularity == 0, 'granularity',
+         f'does not divide the MLP hidden size {mlp_dim}')
   for w in ('importance_loss_weight', 'load_loss_weight',
             'balance_loss_weight', 'z_loss_weight'):
     need(_is_num(getattr(c, w)) and getattr(c, w) >= 0, w,
          'must be a number >= 0')
-  if c.router == 'soft' and c.num_slots is None and c.group_size is None:
-    fail(f'{prefix}.router=\'soft\' needs {prefix}.num_slots or '
-         f'{prefix}.group_size to size the slot parameters')
+  kernel_registry.validate(c.kernels, f'{prefix}.kernels')
+  router = routers.get(c.router)
+  # Another router's option set away from its default would be ignored.
+  for key, default in routers.default_options().items():
+    if (not other_router_options and key in cfg.keys()
+        and key not in router.OPTIONS and cfg[key] != default):
+      need(False, key, f'is not an option of router {c.router!r}')
+  router.validate(c, need)
 
 
 def _num_shards(placement) -> int:
@@ -176,7 +234,7 @@ def _num_shards(placement) -> int:
 
 
 # ----------------------------------------------------------------------------
-# Modules owning parameters.
+# Experts.
 # ----------------------------------------------------------------------------
 
 
@@ -184,23 +242,26 @@ class Experts(nnx.Module):
   """e expert MLPs as one batched MLP: Dense(d->h) -> GELU -> dropout -> Dense.
 
   Params: kernel1 [e, d, h], bias1 [e, h], kernel2 [e, h, d], bias2 [e, d];
-  the leading 'expert' axis is the one expert parallelism shards.
+  the leading axis has the logical name `axis` ('expert': the axis expert
+  parallelism shards).
   """
 
   def __init__(self, num_experts: int, dim: int, hidden_dim: int, *,
-               dropout_rate: float = 0.0, dtype: DType | None = None,
+               dropout_rate: float = 0.0, gelu: str = 'exact',
+               axis: str = 'expert', dtype: DType | None = None,
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     e, d, h = num_experts, dim, hidden_dim
     kinit = nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1,
                                             batch_axis=(0,))
     binit = nnx.initializers.normal(stddev=1e-6)  # as MlpBlock
-    self.kernel1 = param(rngs, kinit, (e, d, h), ('expert', 'embed', 'mlp'),
+    self.kernel1 = param(rngs, kinit, (e, d, h), (axis, 'embed', 'mlp'),
                          param_dtype)
-    self.bias1 = param(rngs, binit, (e, h), ('expert', 'mlp'), param_dtype)
-    self.kernel2 = param(rngs, kinit, (e, h, d), ('expert', 'mlp', 'embed'),
+    self.bias1 = param(rngs, binit, (e, h), (axis, 'mlp'), param_dtype)
+    self.kernel2 = param(rngs, kinit, (e, h, d), (axis, 'mlp', 'embed'),
                          param_dtype)
-    self.bias2 = param(rngs, binit, (e, d), ('expert', 'embed'), param_dtype)
+    self.bias2 = param(rngs, binit, (e, d), (axis, 'embed'), param_dtype)
     self.dropout_rate = dropout_rate
+    self.approximate_gelu = batched_mlp.gelu_approximate(gelu)
     self.dtype = dtype
 
   def weights(self, dtype: DType) -> tuple[jax.Array, ...]:
@@ -215,27 +276,54 @@ class Experts(nnx.Module):
     return apply_experts(self.weights(dtype), x.astype(dtype),
                          dropout_rate=self.dropout_rate,
                          dropout_key=layers.dropout_key(
-                             self.dropout_rate, train, rngs))
+                             self.dropout_rate, train, rngs),
+                         approximate_gelu=self.approximate_gelu)
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array, expert_id: jax.Array,
-             *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+             *, train: bool = False, rngs: nnx.Rngs | None = None,
+             kernels: str = 'xla') -> jax.Array:
     """Rows sorted by expert [m, d] -> [m, d] with grouped matmuls.
 
     group_sizes [e] counts the rows of each expert; rows past their sum are
     padding (their output is unspecified and must be ignored by the caller).
     expert_id [m] is the expert of each row (used for the biases).
+    kernels: `model.moe.kernels` (the grouped matmul may be a kernel).
     """
     dtype = self.dtype or x.dtype
     return apply_experts_ragged(self.weights(dtype), x.astype(dtype),
                                 group_sizes, expert_id,
                                 dropout_rate=self.dropout_rate,
                                 dropout_key=layers.dropout_key(
-                                    self.dropout_rate, train, rngs))
+                                    self.dropout_rate, train, rngs),
+                                approximate_gelu=self.approximate_gelu,
+                                kernels=kernels)
+
+  def as_one_mlp(self, x: jax.Array, *, train: bool = False,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The sum of all e MLPs on every row: x [t, d] -> [t, d].
+
+    Computed as one MLP of e * h hidden units (the kernels concatenated, the
+    output biases summed), which is the same function: shared experts.
+    """
+    dtype = self.dtype or x.dtype
+    k1, b1, k2, b2 = self.weights(dtype)
+    e, d, h = k1.shape
+    w1 = jnp.transpose(k1, (1, 0, 2)).reshape(1, d, e * h)
+    w2 = k2.reshape(1, e * h, d)
+    rows = x.astype(dtype)[None]
+    keep = layers.dropout_multiplier(
+        self.dropout_rate, layers.dropout_key(self.dropout_rate, train, rngs),
+        (1, rows.shape[1], e * h), dtype)
+    y = batched_mlp.mlp(rows, w1, b1.reshape(1, e * h), w2,
+                        jnp.sum(b2, axis=0, keepdims=True), keep,
+                        self.approximate_gelu)
+    return y[0]
 
 
 def apply_experts(weights: tuple[jax.Array, ...], x: jax.Array, *,
                   dropout_rate: float = 0.0,
-                  dropout_key: jax.Array | None = None) -> jax.Array:
+                  dropout_key: jax.Array | None = None,
+                  approximate_gelu: bool = False) -> jax.Array:
   """Expert MLPs on buffers: x [e, g, c, d] -> [e, g, c, d].
 
   Each expert's g*c rows are contiguous, so this is one `batched_mlp.mlp` on
@@ -249,65 +337,56 @@ def apply_experts(weights: tuple[jax.Array, ...], x: jax.Array, *,
   e, g, c, d = x.shape
   keep = layers.dropout_multiplier(dropout_rate, dropout_key,
                                    (e, g * c, weights[0].shape[-1]), x.dtype)
-  y = batched_mlp.mlp(x.reshape(e, g * c, d), *weights, keep)
+  y = batched_mlp.mlp(x.reshape(e, g * c, d), *weights, keep,
+                      approximate_gelu)
   return y.reshape(e, g, c, d)
 
 
 def apply_experts_ragged(weights: tuple[jax.Array, ...], x: jax.Array,
                          group_sizes: jax.Array, expert_id: jax.Array, *,
                          dropout_rate: float = 0.0,
-                         dropout_key: jax.Array | None = None) -> jax.Array:
-  """Expert MLPs on expert-sorted rows [m, d] -> [m, d] (`Experts.ragged`)."""
+                         dropout_key: jax.Array | None = None,
+                         approximate_gelu: bool = False,
+                         kernels: str = 'xla') -> jax.Array:
+  """Expert MLPs on expert-sorted rows [m, d] -> [m, d] (`Experts.ragged`).
+
+  The grouped matmuls are `jax.lax.ragged_dot`, or the 'gmm' kernel that
+  `kernels` (`model.moe.kernels`) selects (`pallas_kernels.registry`).
+  """
+  ragged_dot = kernel_registry.lookup(kernels, 'gmm', 'ragged_dot',
+                                      jax.lax.ragged_dot)
   k1, b1, k2, b2 = weights
   eid = jnp.clip(expert_id, 0, k1.shape[0] - 1)
-  h = jax.lax.ragged_dot(x, k1, group_sizes) + b1[eid]
-  h = nnx.gelu(h, approximate=False)
+  h = ragged_dot(x, k1, group_sizes) + b1[eid]
+  h = jax.nn.gelu(h, approximate=approximate_gelu)
   keep = layers.dropout_multiplier(dropout_rate, dropout_key, h.shape, h.dtype)
   if keep is not None:
     h = h * keep
-  y = jax.lax.ragged_dot(h, k2, group_sizes)
+  y = ragged_dot(h, k2, group_sizes)
   return y + b2[eid]
-
-
-class TopRouter(nnx.Module):
-  """Gate projection for token and expert choice: logits = x @ W^T, W [e, d].
-
-  No bias, float32 logits whatever the activation dtype (V-MoE). The kernel
-  is stored expert-major like every expert parameter; on CPU this layout also
-  makes the projection and its gradients about 2x faster than [d, e] (the
-  skinny [tokens, e] matmuls contract the long axis of both operands).
-  """
-
-  def __init__(self, dim: int, num_experts: int, *,
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
-    init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)
-    self.kernel = param(rngs, init, (num_experts, dim), ('expert', 'embed'),
-                        param_dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[g, s, d] -> [g, s, e] float32 logits."""
-    return jnp.einsum('gsd,ed->gse', x.astype(jnp.float32),
-                      self.kernel[...].astype(jnp.float32))
-
-
-class SoftRouter(nnx.Module):
-  """Soft MoE slot parameters phi [e, p, d] and the learnable scalar scale."""
-
-  def __init__(self, dim: int, num_experts: int, num_slots: int, *,
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
-    self.phi = param(rngs, nnx.initializers.normal(stddev=dim ** -0.5),
-                     (num_experts, num_slots, dim), ('expert', None, 'embed'),
-                     param_dtype)
-    self.scale = param(rngs, nnx.initializers.ones_init(), (), (), param_dtype)
-
-  def __call__(self, x: jax.Array) -> rt.SoftRouting:
-    """[g, s, d] -> SoftRouting with [g, s, e*p] logits."""
-    return rt.soft_routing(x, self.phi[...], self.scale[...])
 
 
 # ----------------------------------------------------------------------------
 # The layer.
 # ----------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Captured:
+  """What an MoE layer routed in one call (see `capture_routing`).
+
+  Attributes:
+    decision: the routing decision of its [g, ...] groups.
+    logits: the router's logits pytree (e.g. {'logits', 'noisy'} [g, s, e]
+      for gate routers; the SoftRouting for Soft MoE).
+    group_size: static s; token t of group i is token (i * s + t) of the
+      flattened [b * n] batch, i.e. image (i * s + t) // n, position
+      (i * s + t) % n.
+  """
+  decision: Any
+  logits: Any
+  group_size: int = dataclasses.field(metadata=dict(static=True))
 
 
 class MoeLayer(nnx.Module):
@@ -317,99 +396,73 @@ class MoeLayer(nnx.Module):
   change them (e.g. with `set_capacity_factor`) to evaluate at another
   capacity without retraining. For Soft MoE the number of slots is a parameter
   shape and cannot change after construction.
+
+  Analysis hooks (static attributes; re-split and re-jit after changing them):
+  `disabled_experts` (expert ids whose outputs are zeroed: expert ablation)
+  and `capture` (sow a `Captured` as `nnx.Intermediate` 'routing'; see
+  `capture_routing`).
+
+  Params: router/... (the router's own), experts/{kernel1, bias1, kernel2,
+  bias2} [e, ...], shared_experts/... [num_shared_experts, ...] if any.
   """
 
   def __init__(self, dim: int, hidden_dim: int, *,
                config: ml_collections.ConfigDict, dropout_rate: float = 0.0,
-               dtype: DType | None = None, param_dtype: DType = jnp.float32,
-               rngs: nnx.Rngs):
-    validate_moe_config(config)
+               gelu: str = 'exact', dtype: DType | None = None,
+               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    validate_moe_config(config, mlp_dim=hidden_dim)
     c = _merged(config)
-    e = c.num_experts
+    router_cls = routers.get(c.router)
+    shared_hidden = c.shared_hidden_dim or hidden_dim
+    m = c.granularity
+    if m > 1:
+      c = types.SimpleNamespace(**{**vars(c), **router_cls.fine_grained(c, m),
+                                   'num_experts': c.num_experts * m})
+      hidden_dim //= m
     self.router_type = c.router
-    self.num_experts = e
+    self.num_experts = c.num_experts
     self.group_size = c.group_size
-    self.k = c.k
     self.capacity_factor = float(c.capacity_factor)
     self.eval_capacity_factor = float(c.eval_capacity_factor
                                       if c.eval_capacity_factor is not None
                                       else c.capacity_factor)
-    self.capacity = c.capacity
-    self.capacity_multiple = c.capacity_multiple
-    self.batch_priority = c.batch_priority
-    self.noise_std = float(1.0 / e if c.noise_std is None else c.noise_std)
-    self.renormalize_gates = c.renormalize_gates
     self.dispatch = c.dispatch
-    self.loss_weights = dict(
-        importance_loss=float(c.importance_loss_weight),
-        load_loss=float(c.load_loss_weight),
-        balance_loss=float(c.balance_loss_weight),
-        z_loss=float(c.z_loss_weight))
+    self.kernels = c.kernels
+    self.bf16_dispatch = c.bf16_dispatch
     self.dtype = dtype
-    if c.router == 'soft':
-      p = c.num_slots or rt.compute_capacity(
-          c.group_size, e, capacity_factor=c.capacity_factor,
-          capacity=c.capacity, multiple=c.capacity_multiple)
-      self.router = SoftRouter(dim, e, p, param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.router = TopRouter(dim, e, param_dtype=param_dtype, rngs=rngs)
-    self.experts = Experts(e, dim, hidden_dim, dropout_rate=dropout_rate,
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.disabled_experts: tuple[int, ...] = ()
+    self.capture = False
+    self.router = router_cls(dim, c, param_dtype=param_dtype, rngs=rngs)
+    self.experts = Experts(c.num_experts, dim, hidden_dim,
+                           dropout_rate=dropout_rate, gelu=gelu, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    self.shared_experts = (
+        Experts(c.num_shared_experts, dim, shared_hidden,
+                dropout_rate=dropout_rate, gelu=gelu, axis='shared_expert',
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if c.num_shared_experts else None)
+
+  @property
+  def dropless(self) -> bool:
+    """Every (token, choice) pair has a place: the 'dropless' dispatch of a
+    token-choice decision (other decisions keep their capacity)."""
+    return (self.dispatch == 'dropless'
+            and self.router.DECISION is rt.TokenChoiceRouting)
 
   def capacity_for(self, s: int, train: bool) -> int:
     """Slots per expert and group for groups of s tokens (Soft MoE: p)."""
-    if self.router_type == 'soft':
-      return self.router.phi.shape[1]
-    if self.router_type == 'token_choice' and self.dispatch == 'dropless':
-      return s  # dropless: every pair has a place
+    if self.dropless:
+      return s
     cf = self.capacity_factor if train else self.eval_capacity_factor
-    k = self.k if self.router_type == 'token_choice' else 1
-    return rt.compute_capacity(s, self.num_experts, capacity_factor=cf,
-                               num_selected=k, capacity=self.capacity,
-                               multiple=self.capacity_multiple)
+    return self.router.capacity(s, cf)
 
   def route(self, x: jax.Array, *, train: bool = False,
             rngs: nnx.Rngs | None = None) -> tuple[rt.Routing, dict]:
     """Groups x [g, s, d] -> (routing decision, metrics)."""
-    logits, noisy, std = self._logits(x, train=train, rngs=rngs)
-    r = self._decide(noisy, train=train)
-    return r, self._metrics(r, logits, noisy, std)
-
-  def _logits(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None
-              ) -> tuple[Any, jax.Array | None, float]:
-    """(clean logits [g, s, e], noisy logits, noise std) of groups x [g, s, d].
-
-    Soft MoE: (SoftRouting, SoftRouting, 0.0); its decision is the logits.
-    """
-    if self.router_type == 'soft':
-      r = self.router(x)
-      return r, r, 0.0
-    logits = self.router(x)  # [g, s, e] float32
-    std = self.noise_std if train else 0.0
-    noisy = logits
-    if std > 0:
-      if rngs is None:
-        raise ValueError('MoeLayer with train=True and noise_std > 0 needs '
-                         "rngs with a 'gating' stream")
-      noisy = rt.add_gating_noise(logits, std, rngs.gating())
-    return logits, noisy, std
-
-  def _decide(self, noisy: Any, *, train: bool) -> rt.Routing:
-    """Routing decision from (noisy) logits [g, s, e]; per group."""
-    if self.router_type == 'soft':
-      return noisy
-    capacity = self.capacity_for(noisy.shape[1], train)
-    if self.router_type == 'token_choice':
-      return rt.token_choice(noisy, num_selected=self.k, capacity=capacity,
-                             batch_priority=self.batch_priority,
-                             renormalize=self.renormalize_gates)
-    return rt.expert_choice(noisy, capacity=capacity)
-
-  def _metrics(self, r: rt.Routing, logits: Any, noisy: jax.Array | None,
-               std: float) -> dict:
-    if self.router_type == 'soft':
-      return self._soft_metrics(r)
-    return self._hard_metrics(r, logits, noisy, std)
+    logits = self.router.logits(x, train=train, rngs=rngs)
+    r = self.router.decide(logits, capacity=self.capacity_for(x.shape[1],
+                                                              train))
+    return r, self.router.metrics(r, logits, train=train)
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
@@ -421,32 +474,61 @@ class MoeLayer(nnx.Module):
                        f'tokens of the batch ({b} x {n})')
     dtype = self.dtype or x.dtype
     xg = x.reshape(b * n // s, s, d)
+    capacity = self.capacity_for(s, train)
+    # Logits (and their noise) are per token: plain SPMD code either way.
+    logits = self.router.logits(xg, train=train, rngs=rngs)
     placement = sharding.context_batch_axes()
     if placement is not None and xg.shape[0] % _num_shards(placement):
       placement = None  # groups do not split evenly: let XLA place them
+    xd = self._rounded(xg.astype(dtype))
     if placement is None:
-      r, metrics = self.route(xg, train=train, rngs=rngs)
+      r = self.router.decide(logits, capacity=capacity)
 
       def expert_fn(buffers):
-        return self.experts(buffers, train=train, rngs=rngs)
+        ys = self.experts(buffers, train=train, rngs=rngs)
+        return self._rounded(self._masked(ys))
 
       def ragged_fn(xs, sizes, expert_id):
-        return self.experts.ragged(xs, sizes, expert_id, train=train,
-                                   rngs=rngs)
+        ys = self.experts.ragged(xs, sizes, expert_id, train=train, rngs=rngs,
+                                 kernels=self.kernels)
+        return self._rounded(self._masked(ys, expert_id))
 
-      y = dp.moe_apply(r, xg.astype(dtype), expert_fn, method=self.dispatch,
-                       ragged_fn=ragged_fn)
+      y = dp.moe_apply(r, xd, expert_fn, method=self.dispatch,
+                       ragged_fn=ragged_fn, kernels=self.kernels)
     else:
-      # Logits (and their noise) are per token: plain SPMD code. The decision
-      # and the token movement run per device inside the shard_map.
-      logits, noisy, std = self._logits(xg, train=train, rngs=rngs)
-      y, r = self._apply_sharded(noisy, xg.astype(dtype), placement,
+      # The decision and the token movement run per device.
+      y, r = self._apply_sharded(logits, xd, placement, capacity=capacity,
                                  train=train, rngs=rngs)
-      metrics = self._metrics(r, logits, noisy, std)
-    return y.reshape(b, n, d).astype(x.dtype), metrics
+    metrics = self.router.metrics(r, logits, train=train)
+    if self.capture:
+      self.sow(nnx.Intermediate, 'routing', Captured(r, logits, s))
+    y = y.reshape(b, n, d)
+    if self.shared_experts is not None:
+      y = y + self.shared_experts.as_one_mlp(
+          x.reshape(b * n, d), train=train, rngs=rngs).reshape(b, n, d)
+    return y.astype(x.dtype), metrics
 
-  def _apply_sharded(self, noisy: Any, xg: jax.Array, placement, *,
-                     train: bool, rngs: nnx.Rngs | None
+  def _rounded(self, a: jax.Array) -> jax.Array:
+    """`a` rounded to bfloat16 and back if `bf16_dispatch` (else `a`)."""
+    if not self.bf16_dispatch:
+      return a
+    return a.astype(jnp.bfloat16).astype(a.dtype)
+
+  def _masked(self, y: jax.Array, expert_id: jax.Array | None = None
+              ) -> jax.Array:
+    """Zeroes the outputs of `disabled_experts`: y [e, ...] (all experts), or
+    rows [m, d] of experts expert_id [m]."""
+    if not self.disabled_experts:
+      return y
+    on = jnp.ones((self.num_experts,), y.dtype).at[
+        jnp.asarray(self.disabled_experts)].set(0)
+    if expert_id is None:
+      return y * on.reshape((-1,) + (1,) * (y.ndim - 1))
+    eid = jnp.clip(expert_id, 0, self.num_experts - 1)
+    return y * on[eid][:, None]
+
+  def _apply_sharded(self, logits: Any, xg: jax.Array, placement, *,
+                     capacity: int, train: bool, rngs: nnx.Rngs | None
                      ) -> tuple[jax.Array, rt.Routing]:
     """Route -> dispatch -> experts -> combine per device, experts split.
 
@@ -459,10 +541,11 @@ class MoeLayer(nnx.Module):
     combines its own groups. With X = 1 this is plain data parallelism.
 
     Args:
-      noisy: [g, s, e] logits used for routing (Soft MoE: its SoftRouting).
-      xg: [g, s, d] tokens in the compute dtype.
+      logits: the router's logits pytree ([g, ...] leaves).
+      xg: [g, s, d] tokens in the compute dtype (rounded for dispatch).
       placement: (batch mesh axes, mesh axis sizes) of the context mesh.
-      train, rngs: capacity factor and dropout in the experts.
+      capacity: slots per expert and group.
+      train, rngs: dropout in the experts.
 
     Returns:
       (y [g, s, d], the routing decision with [g, ...] arrays).
@@ -473,21 +556,23 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'model.moe.num_experts={self.num_experts} is not a '
                        f'multiple of the expert mesh axis size {num_shards}')
     if (self.dispatch == 'dropless' and num_shards > 1
-        and self.router_type != 'soft'):
+        and self.router.DECISION is not rt.SoftRouting):
       raise ValueError("model.moe.dispatch='dropless' does not support an "
                        "expert mesh axis > 1; use 'indices' or 'einsum'")
     batch = jax.sharding.PartitionSpec(axes)
     expert = jax.sharding.PartitionSpec('expert')
     weights = self.experts.weights(xg.dtype)
     rate = self.experts.dropout_rate
+    approximate = self.experts.approximate_gelu
     key = layers.dropout_key(rate, train, rngs)
     use_dropout = key is not None
     if not use_dropout:  # shard_map takes arrays only; unused inside
       key = jnp.zeros((), jnp.uint32)
     method = self.dispatch
+    decide = lambda z: self.router.decide(z, capacity=capacity)
 
-    def local(noisy, x, weights, key):
-      r = self._decide(noisy, train=train)
+    def local(logits, x, weights, key):
+      r = decide(logits)
       if use_dropout:  # distinct masks on every device
         for axis in axes:
           key = jax.random.fold_in(key, jax.lax.axis_index(axis))
@@ -499,77 +584,41 @@ class MoeLayer(nnx.Module):
           buffers = jax.lax.all_to_all(buffers, 'expert', split_axis=0,
                                        concat_axis=1, tiled=True)
         y = apply_experts(weights, buffers, dropout_rate=rate,
-                          dropout_key=key)
+                          dropout_key=key, approximate_gelu=approximate)
         if num_shards > 1:
           y = jax.lax.all_to_all(y, 'expert', split_axis=1, concat_axis=0,
                                  tiled=True)
-        return y
+        return self._rounded(self._masked(y))
 
       def ragged_fn(xs, group_sizes, expert_id):  # only with num_shards == 1
-        return apply_experts_ragged(weights, xs, group_sizes, expert_id,
-                                    dropout_rate=rate, dropout_key=key)
+        ys = apply_experts_ragged(weights, xs, group_sizes, expert_id,
+                                  dropout_rate=rate, dropout_key=key,
+                                  approximate_gelu=approximate,
+                                  kernels=self.kernels)
+        return self._rounded(self._masked(ys, expert_id))
 
-      y = dp.moe_apply(r, x, expert_fn, method=method, ragged_fn=ragged_fn)
+      y = dp.moe_apply(r, x, expert_fn, method=method, ragged_fn=ragged_fn,
+                       kernels=self.kernels)
       return y, r
 
-    r_shape = jax.eval_shape(lambda z: self._decide(z, train=train), noisy)
+    r_shape = jax.eval_shape(decide, logits)
     return jax.shard_map(
         local,
-        in_specs=(jax.tree.map(lambda _: batch, noisy), batch,
+        in_specs=(rt.group_partition_specs(logits, batch), batch,
                   (expert,) * len(weights), jax.sharding.PartitionSpec()),
-        out_specs=(batch, jax.tree.map(lambda _: batch, r_shape)),
-    )(noisy, xg, weights, key)
+        out_specs=(batch, rt.group_partition_specs(r_shape, batch)),
+    )(logits, xg, weights, key)
 
-  # -- metrics ---------------------------------------------------------------
 
-  def _aux(self, losses: dict, applicable: tuple[str, ...]) -> jax.Array:
-    total = jnp.zeros((), jnp.float32)
-    for name in applicable:
-      w = self.loss_weights[name]
-      if w > 0:  # skip ill-defined losses that are switched off
-        total = total + w * losses[name]
-    return total
+# ----------------------------------------------------------------------------
+# Model-wide helpers.
+# ----------------------------------------------------------------------------
 
-  def _hard_metrics(self, r: rt.Routing, logits: jax.Array,
-                    noisy: jax.Array, std: float) -> dict:
-    gates = jax.nn.softmax(logits, axis=-1)
-    gates_noisy = jax.nn.softmax(noisy, axis=-1)
-    zero = jnp.zeros((), jnp.float32)
-    # Token choice already ranked the experts of every token: reuse that.
-    ranked = (r.expert_index if isinstance(r, rt.TokenChoiceRouting)
-              else None)
-    losses = dict(
-        importance_loss=rt.importance_loss(gates),
-        # Defined only with noise; V-MoE reports it in training only.
-        load_loss=(rt.load_loss(logits, noisy, std, self.k, selected=ranked)
-                   if std > 0 and self.router_type == 'token_choice'
-                   else zero),
-        balance_loss=rt.balance_loss(
-            gates_noisy, None if ranked is None else ranked[..., 0]),
-        z_loss=rt.z_loss(logits))
-    applicable = (LOSS_KEYS if self.router_type == 'token_choice'
-                  else ('z_loss',))
-    return {
-        AUX_LOSS_KEY: self._aux(losses, applicable),
-        **losses,
-        'dropped_fraction': rt.dropped_fraction(r),
-        'router_entropy': rt.entropy(gates_noisy),
-        'capacity': jnp.asarray(r.capacity, jnp.float32),
-        'expert_load': rt.expert_load(r),
-    }
 
-  def _soft_metrics(self, r: rt.SoftRouting) -> dict:
-    zero = jnp.zeros((), jnp.float32)
-    losses = dict(importance_loss=zero, load_loss=zero, balance_loss=zero,
-                  z_loss=rt.z_loss(r.logits))
-    return {
-        AUX_LOSS_KEY: self._aux(losses, ('z_loss',)),
-        **losses,
-        'dropped_fraction': rt.dropped_fraction(r),
-        'router_entropy': rt.entropy(r.combine_weights()),
-        'capacity': jnp.asarray(r.capacity, jnp.float32),
-        'expert_load': rt.expert_load(r),
-    }
+def moe_layers(model: nnx.Module) -> dict[Any, MoeLayer]:
+  """{module path: MoeLayer} of every MoE layer in `model`, in order."""
+  return {path: m for path, m in nnx.iter_modules(model)
+          if isinstance(m, MoeLayer)}
 
 
 # pylint: disable-next=redefined-builtin
@@ -584,11 +633,43 @@ def set_capacity_factor(model: nnx.Module, train: float | None = None,
     if value is not None and not (_is_num(value) and value > 0):
       raise ValueError(f'{name} capacity factor={value!r} must be a number > 0')
   count = 0
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, MoeLayer):
-      if train is not None:
-        module.capacity_factor = float(train)
-      if eval is not None:
-        module.eval_capacity_factor = float(eval)
-      count += 1
+  for module in moe_layers(model).values():
+    if train is not None:
+      module.capacity_factor = float(train)
+    if eval is not None:
+      module.eval_capacity_factor = float(eval)
+    count += 1
   return count
+
+
+def capture_routing(model: nnx.Module, images: jax.Array, *,
+                    train: bool = False, rngs: nnx.Rngs | None = None
+                    ) -> tuple[jax.Array, dict, dict[int, Captured]]:
+  """Runs `model` (a `vmoe.nn.vit.VisionTransformer`) on images and returns
+  what every MoE layer routed.
+
+  Returns (logits [b, classes], metrics, {block index: Captured}). The model
+  is left as it was (capture switched off, nothing stored). Runs jitted; pass
+  `rngs` (with 'gating' and 'dropout' streams) when train=True.
+  """
+  blocks = {i: blk.mlp for i, blk in enumerate(model.blocks)
+            if isinstance(blk.mlp, MoeLayer)}
+  for layer in blocks.values():
+    layer.capture = True
+  try:
+    graphdef, state = nnx.split(model)
+    key = rngs.gating() if rngs is not None else None
+
+    @jax.jit
+    def run(state, images, key):
+      m = nnx.merge(graphdef, state)
+      run_rngs = (nnx.Rngs(gating=key, dropout=jax.random.fold_in(key, 1))
+                  if key is not None else None)
+      logits, metrics = m(images, train=train, rngs=run_rngs)
+      captured = {i: m.blocks[i].mlp.routing.get_value()[0] for i in blocks}
+      return logits, metrics, captured
+
+    return run(state, images, key)
+  finally:
+    for layer in blocks.values():
+      layer.capture = False

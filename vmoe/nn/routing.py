@@ -97,12 +97,28 @@ class SoftRouting:
   combine = softmax over slots), so keeping the logits alone lets the
   dispatcher hold a single [g, s, n] tensor.
 
+  With the fused Soft MoE kernels (`model.moe.kernels` selecting 'soft', see
+  `pallas_kernels/soft_moe.py`) the decision also carries what the kernels
+  form the logits from, and `logits` is then never read (jit drops it):
+
   Attributes:
     logits: [g, s, n] float32 with n = e * p slots, expert-major.
     num_experts: static int e; slots per expert p = n / e.
+    tokens: None, or [g, s, d] the router's input x.
+    slot_params: None, or [n, d] float32 l2-normalised phi times the scale
+      (no group axis: replicated across devices, see REPLICATED_FIELDS).
+    stats: None, or the kernels' combine-weight statistics per group
+      (token_lse [g, s], token_entropy [g, s], slot_mass [g, n]): the router
+      metrics without the logits.
   """
   logits: Array
   num_experts: int = dataclasses.field(metadata=dict(static=True))
+  tokens: Array | None = None
+  slot_params: Array | None = None
+  stats: tuple[Array, Array, Array] | None = None
+
+  # Fields without a leading group axis (`group_partition_specs`).
+  REPLICATED_FIELDS = ('slot_params',)
 
   @property
   def capacity(self) -> int:
@@ -120,29 +136,71 @@ class SoftRouting:
 Routing = Union[TokenChoiceRouting, ExpertChoiceRouting, SoftRouting]
 
 
+def group_partition_specs(tree, batch_spec):
+  """PartitionSpecs of a pytree of per-group arrays (and decisions) for a
+  shard_map: `batch_spec` for every leaf but those of the fields a decision
+  lists in REPLICATED_FIELDS (no group axis), which are replicated (P())."""
+  replicated = jax.sharding.PartitionSpec()
+
+  def is_decision(node):
+    return hasattr(type(node), 'REPLICATED_FIELDS')
+
+  def specs(node):
+    if not is_decision(node):
+      return jax.tree.map(lambda _: batch_spec, node)
+    return dataclasses.replace(node, **{
+        f.name: jax.tree.map(
+            lambda _, name=f.name: (replicated
+                                    if name in node.REPLICATED_FIELDS
+                                    else batch_spec), getattr(node, f.name))
+        for f in dataclasses.fields(node) if not f.metadata.get('static')})
+
+  return jax.tree.map(specs, tree, is_leaf=is_decision)
+
+
 # ----------------------------------------------------------------------------
 # Capacity.
 # ----------------------------------------------------------------------------
+
+
+CAPACITY_ROUNDINGS = ('ceil', 'round')
 
 
 def compute_capacity(num_tokens: int, num_experts: int, *,
                      capacity_factor: float | None = None,
                      num_selected: int = 1,
                      capacity: int | None = None,
-                     multiple: int | None = None) -> int:
+                     multiple: int | None = None,
+                     rounding: str = 'ceil') -> int:
   """Per-expert buffer size c for one group.
 
-  c = ceil(k * s * capacity_factor / e), rounded up to a multiple of
-  `multiple` (if given); an explicit `capacity` overrides the formula. The
-  result is at least 1 and at most s: an expert receives each token at most
-  once (top-k picks distinct experts; expert choice picks distinct tokens), so
-  a larger buffer could never be filled.
+  c = ceil(k * s * capacity_factor / e) ('ceil') or Python's round of it
+  ('round': half to even, the float product evaluated left to right), then
+  rounded up to a multiple of `multiple` (if given); an explicit `capacity`
+  overrides the formula. This is google-research/vmoe's `compute_capacity`
+  with num_tokens = s * k: like it, 'round' raises a ValueError when the
+  rounded capacity is below 1 (before rounding up to the multiple). The
+  result is at most s: an expert receives each token at most once (top-k
+  picks distinct experts; expert choice picks distinct tokens), so a larger
+  buffer could never be filled.
   """
   if capacity is None:
     if capacity_factor is None:
       raise ValueError('either capacity or capacity_factor must be given')
-    capacity = math.ceil(num_selected * num_tokens * capacity_factor
-                         / num_experts)
+    target = num_tokens * num_selected * capacity_factor / num_experts
+    if rounding == 'ceil':
+      capacity = math.ceil(target)
+    elif rounding == 'round':
+      capacity = int(round(target))
+    else:
+      raise ValueError(f'model.moe.capacity_rounding={rounding!r} is not one '
+                       f'of {CAPACITY_ROUNDINGS}')
+    if capacity < 1 and rounding == 'round':
+      raise ValueError(
+          f'model.moe.capacity_factor={capacity_factor} with '
+          f"model.moe.capacity_rounding='round', {num_tokens} tokens, "
+          f'{num_experts} experts and k={num_selected} rounds to capacity '
+          f'{capacity}; it must be >= 1')
     if multiple and multiple > 1:
       capacity = -(-capacity // multiple) * multiple
   return int(max(1, min(capacity, num_tokens)))
@@ -237,12 +295,7 @@ def token_choice(logits: Array, *, num_selected: int, capacity: int,
                  renormalize: bool = False) -> TokenChoiceRouting:
   """Top-k token choice with capacity (V-MoE / GShard / Switch).
 
-  Gates are softmax(logits) over experts. Each token picks its k largest
-  gates. Buffer positions are assigned choice-major: every token's 1st choice
-  is placed before any 2nd choice, and so on. Within one choice rank tokens are
-  served in sequence order, or, with Batch Priority Routing (V-MoE, Sec. 4),
-  in descending order of their top gate, so the least confident tokens are the
-  ones dropped when an expert is full. Pairs beyond `capacity` are dropped.
+  Gates are softmax(logits) over experts; see `token_choice_from_gates`.
 
   Args:
     logits: [g, s, e] router logits (already noisy in training).
@@ -254,11 +307,49 @@ def token_choice(logits: Array, *, num_selected: int, capacity: int,
   Returns:
     A `TokenChoiceRouting` with [g, s, k] fields.
   """
-  g, s, e = logits.shape
-  k = num_selected
   gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return token_choice_from_gates(gates, num_selected=num_selected,
+                                 capacity=capacity,
+                                 batch_priority=batch_priority,
+                                 renormalize=renormalize)
+
+
+def token_choice_from_gates(gates: Array, *, num_selected: int, capacity: int,
+                            batch_priority: bool = False,
+                            renormalize: bool = False,
+                            combine_gates: Array | None = None
+                            ) -> TokenChoiceRouting:
+  """Top-k token choice on given routing scores (softmax gates, a plan, ...).
+
+  Each token picks the k experts with the largest `gates`. Buffer positions
+  are assigned choice-major: every token's 1st choice is placed before any
+  2nd choice, and so on. Within one choice rank tokens are served in sequence
+  order, or, with Batch Priority Routing (V-MoE, Sec. 4), in descending order
+  of their top score, so the least confident tokens are the ones dropped when
+  an expert is full. Pairs beyond `capacity` are dropped.
+
+  Args:
+    gates: [g, s, e] float32 scores that rank the experts of each token and
+      give the BPR priority (the token's largest score).
+    num_selected: k.
+    capacity: c, slots per expert and group.
+    batch_priority: serve tokens by descending max score instead of position.
+    renormalize: divide the k selected combine weights by their sum (before
+      dropping).
+    combine_gates: [g, s, e] combine weights of the selected pairs (None: the
+      `gates` themselves). Sinkhorn routing ranks by the transport plan and
+      combines with the softmax gates, as google-research/vmoe does.
+
+  Returns:
+    A `TokenChoiceRouting` with [g, s, k] fields.
+  """
+  g, s, e = gates.shape
+  k = num_selected
   top_gate, expert_index = top_k(gates, k)  # [g, s, k]
-  priority = top_gate[..., 0]  # max gate, before any renormalisation
+  priority = top_gate[..., 0]  # max score, before any renormalisation
+  if combine_gates is not None:
+    top_gate = jnp.take_along_axis(combine_gates.astype(jnp.float32),
+                                   expert_index, axis=-1)
   if renormalize:
     top_gate = top_gate / jnp.sum(top_gate, axis=-1, keepdims=True)
 
@@ -302,9 +393,7 @@ def token_choice(logits: Array, *, num_selected: int, capacity: int,
 def expert_choice(logits: Array, *, capacity: int) -> ExpertChoiceRouting:
   """Expert choice routing (Zhou et al. 2022, https://arxiv.org/abs/2202.09368).
 
-  Gates are softmax(logits) over experts; each expert then takes the
-  `capacity` tokens of the group with the largest gate for it (ties broken
-  by lower token index). A token can be chosen by 0..e experts.
+  Gates are softmax(logits) over experts; see `expert_choice_from_gates`.
 
   Args:
     logits: [g, s, e] router logits.
@@ -314,11 +403,35 @@ def expert_choice(logits: Array, *, capacity: int) -> ExpertChoiceRouting:
   Returns:
     An `ExpertChoiceRouting` with [g, e, c] fields.
   """
-  g, s, e = logits.shape
+  gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return expert_choice_from_gates(gates, capacity=capacity)
+
+
+def expert_choice_from_gates(gates: Array, *, capacity: int,
+                             combine_gates: Array | None = None
+                             ) -> ExpertChoiceRouting:
+  """Each expert takes its top-`capacity` tokens by `gates`.
+
+  Ties are broken by the lower token index. A token can be chosen by 0..e
+  experts.
+
+  Args:
+    gates: [g, s, e] float32 scores (softmax gates, a transport plan, ...).
+    capacity: c in [1, s], tokens per expert.
+    combine_gates: [g, s, e] combine weights of the chosen pairs (None: the
+      `gates` themselves).
+
+  Returns:
+    An `ExpertChoiceRouting` with [g, e, c] fields.
+  """
+  g, s, e = gates.shape
   if not 1 <= capacity <= s:
     raise ValueError(f'expert choice capacity={capacity} must be in [1, {s}]')
-  gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   weight, token_index = jax.lax.top_k(jnp.swapaxes(gates, 1, 2), capacity)
+  if combine_gates is not None:
+    weight = jnp.take_along_axis(
+        jnp.swapaxes(combine_gates.astype(jnp.float32), 1, 2), token_index,
+        axis=-1)
   return ExpertChoiceRouting(token_index=token_index.astype(jnp.int32),
                              combine_weight=weight, num_tokens=s)
 

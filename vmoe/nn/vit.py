@@ -21,6 +21,7 @@ import ml_collections
 from flax import nnx
 
 from vmoe.nn import layers
+from vmoe.nn import moe as moe_lib
 from vmoe.nn.layers import AUX_LOSS_KEY, Dense, LayerNorm, MlpBlock, dropout
 
 
@@ -56,6 +57,31 @@ def parse_variant(variant: str) -> tuple[VitSize, int]:
         f'model.variant={variant!r} is not SIZE/PATCH with SIZE in '
         f'{sorted(VIT_SIZES)} and PATCH a positive integer (e.g. "S/16")')
   return VIT_SIZES[m['size']], int(m['patch'])
+
+
+SIZE_FIELDS = ('width', 'depth', 'mlp_dim', 'num_heads')
+
+
+def model_size(model_cfg: ml_collections.ConfigDict) -> tuple[VitSize, int]:
+  """(VitSize, patch) of `config.model`: `variant` with the optional
+  overrides model.width / depth / mlp_dim / num_heads (None = the variant's),
+  for checkpoints whose size is not a named variant (e.g. the V-MoE paper's
+  S: width 512, depth 8). Raises a one-line ValueError on bad values."""
+  size, patch = parse_variant(model_cfg.variant)
+  overrides = {}
+  for name in SIZE_FIELDS:
+    value = model_cfg.get(name)
+    if value is None:
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f'model.{name}={value!r} must be None (from '
+                       'model.variant) or a positive integer')
+    overrides[name] = value
+  size = dataclasses.replace(size, **overrides)
+  if size.width % size.num_heads:
+    raise ValueError(f'model.num_heads={size.num_heads} does not divide the '
+                     f'width {size.width}')
+  return size, patch
 
 
 def moe_block_indices(spec: Any, depth: int) -> tuple[int, ...]:
@@ -166,15 +192,26 @@ class VisionTransformer(nnx.Module):
   `__call__` returns (logits, metrics); metrics holds 'auxiliary_loss' (sum of
   the weighted MoE auxiliary losses, 0 for a dense model) and, per MoE block i,
   its routing metrics under 'block_{i}/<name>'.
+
+  gelu: 'tanh' (the approximation that vit_jax, big_vision and
+  google-research/vmoe use, so imported weights compute the published
+  function) or 'exact' (erf), in every dense MLP and expert.
+  representation_size: r, a pre-logits layer Dense(d -> r) + tanh before the
+    head (the ImageNet-21k pre-training of ViT and V-MoE); None = none.
+  size: width / depth / mlp_dim / heads overriding those of `variant` (whose
+    patch size is kept); see `model_size`.
   """
 
   def __init__(self, *, num_classes: int, image_size: int, num_channels: int,
                variant: str, pool: str = 'tok', dropout_rate: float = 0.0,
                stochastic_depth: float = 0.0,
                moe: ml_collections.ConfigDict | None = None,
-               dtype=None, param_dtype=jnp.float32, head_zero_init: bool = True,
+               gelu: str = 'tanh', representation_size: int | None = None,
+               size: VitSize | None = None, dtype=None,
+               param_dtype=jnp.float32, head_zero_init: bool = True,
                rngs: nnx.Rngs):
-    size, patch = parse_variant(variant)
+    variant_size, patch = parse_variant(variant)
+    size = size or variant_size
     if image_size % patch:
       raise ValueError(f'image size {image_size} is not divisible by the '
                        f'patch size {patch} of model.variant={variant!r}')
@@ -205,13 +242,12 @@ class VisionTransformer(nnx.Module):
     blocks = []
     for i in range(size.depth):
       if i in moe_blocks:
-        from vmoe.nn import moe as moe_lib  # pylint: disable=g-import-not-at-top
         mlp = moe_lib.MoeLayer(d, size.mlp_dim, config=moe,
-                               dropout_rate=dropout_rate, dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+                               dropout_rate=dropout_rate, gelu=gelu,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       else:
-        mlp = MlpBlock(d, size.mlp_dim, dropout_rate=dropout_rate, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+        mlp = MlpBlock(d, size.mlp_dim, dropout_rate=dropout_rate, gelu=gelu,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       # Stochastic depth rate grows linearly with depth (Huang et al. 2016).
       rate = stochastic_depth * i / max(size.depth - 1, 1)
       blocks.append(EncoderBlock(d, size.num_heads, mlp,
@@ -221,10 +257,14 @@ class VisionTransformer(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.encoder_norm = LayerNorm(d, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)
+    self.pre_logits = (Dense(d, representation_size, axes=('embed', 'mlp'),
+                             dtype=jnp.float32, param_dtype=param_dtype,
+                             rngs=rngs)
+                       if representation_size else None)
     head_init = (nnx.initializers.zeros_init() if head_zero_init
                  else nnx.initializers.xavier_uniform())
-    self.head = Dense(d, num_classes, axes=('embed', 'vocab'),
-                      kernel_init=head_init, dtype=jnp.float32,
+    self.head = Dense(representation_size or d, num_classes,
+                      axes=('embed', 'vocab'), kernel_init=head_init, dtype=jnp.float32,
                       param_dtype=param_dtype, rngs=rngs)
 
   def embed(self, images: jax.Array) -> jax.Array:
@@ -239,6 +279,19 @@ class VisionTransformer(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None):
+    """images [b, H, W, C] -> (logits [b, classes] float32, metrics)."""
+    features, metrics = self.features(images, train=train, rngs=rngs)
+    return self.head(features), metrics
+
+  def features(self, images: jax.Array, *, train: bool = False,
+               rngs: nnx.Rngs | None = None):
+    """images [b, H, W, C] -> (pre-logits [b, r or d] float32, metrics).
+
+    The input of the head: the pooled encoder output (class token or mean),
+    through the pre-logits layer if the model has one. Few-shot linear
+    evaluation and the routing analyses read these (big_vision's
+    'pre_logits' representation).
+    """
     x = self.embed(images)
     if self.cls_token is not None:
       cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype),
@@ -255,7 +308,10 @@ class VisionTransformer(nnx.Module):
           metrics[AUX_LOSS_KEY] += value.astype(jnp.float32)
     x = self.encoder_norm(x)
     x = x[:, 0] if self.pool == 'tok' else jnp.mean(x, axis=1)
-    return self.head(x.astype(jnp.float32)), metrics
+    x = x.astype(jnp.float32)
+    if self.pre_logits is not None:
+      x = jnp.tanh(self.pre_logits(x))
+    return x, metrics
 
 
 def create_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
@@ -266,10 +322,13 @@ def create_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
   return VisionTransformer(
       num_classes=num_classes, image_size=image_size,
       num_channels=num_channels, variant=model_cfg.variant,
+      size=model_size(model_cfg)[0],
+      representation_size=model_cfg.get('representation_size'),
       pool=model_cfg.get('pool', 'tok'),
       dropout_rate=model_cfg.get('dropout', 0.0),
       stochastic_depth=model_cfg.get('stochastic_depth', 0.0),
-      moe=model_cfg.get('moe', None), dtype=dtype,
+      moe=model_cfg.get('moe', None), gelu=model_cfg.get('gelu', 'tanh'),
+      dtype=dtype,
       head_zero_init=model_cfg.get('head_zero_init', True), rngs=rngs)
 
 

@@ -89,3 +89,26 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """Reads back `<workdir>/metrics.jsonl`."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(l) for l in f if l.strip()]
+
+
+def last_record(workdir: str, split: str,
+                step: int | None = None) -> dict[str, Any] | None:
+  """The last record of `split` (at `step` if given), None if there is none.
+
+  Tolerates a missing file and lines cut short by a kill.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  found = None
+  try:
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if (isinstance(record, dict) and record.get('split') == split
+            and (step is None or record.get('step') == step)):
+          found = record
+  except OSError:
+    return None
+  return found

@@ -29,21 +29,14 @@ def _num_classes(config) -> int:
     return 1000  # data not prepared here: count with an ImageNet-sized head
 
 
-def expert_applications_per_token(config: ml_collections.ConfigDict,
+def expert_applications_per_token(layer: moe_lib.MoeLayer,
                                   tokens_per_image: int) -> float:
   """Expert MLP applications per token at eval (how many experts' weights a
-  token's computation touches on average): k for token choice, the capacity
-  factor for expert choice, slots / tokens for Soft MoE."""
-  moe = moe_lib.default_moe_config()
-  moe.update(dict(config.model.moe))
-  cf = moe.eval_capacity_factor or moe.capacity_factor
-  if moe.router == 'token_choice':
-    return float(moe.k)
-  if moe.router == 'expert_choice':
-    return float(cf)
-  group = moe.group_size or tokens_per_image
-  slots_per_expert = moe.num_slots or math.ceil(group * cf / moe.num_experts)
-  return moe.num_experts * slots_per_expert / group
+  token's computation touches on average), asked of the layer's router: k
+  for token choice, e * c / s for routers that fill every slot (expert
+  choice: about the capacity factor; Soft MoE: slots / tokens)."""
+  s = layer.group_size or tokens_per_image
+  return layer.router.applications_per_token(s, layer.capacity_for(s, False))
 
 
 def summarize(config: ml_collections.ConfigDict) -> str:
@@ -57,14 +50,15 @@ def summarize(config: ml_collections.ConfigDict) -> str:
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   total = sum(int(x.size) for _, x in flat)
-  expert = sum(int(x.size) for path, x in flat
-               if any(getattr(p, 'key', None) == 'experts' for p in path))
   tokens = vit.num_tokens(config.model, size)
+  # Routed experts count once per application; everything else (shared
+  # experts included) is active for every token.
   active = total
-  if config.model.moe is not None:
-    per_expert = expert / config.model.moe.num_experts
-    active = total - expert + per_expert * expert_applications_per_token(
-        config, tokens)
+  for layer in moe_lib.moe_layers(abstract).values():
+    expert = sum(int(w.size) for w in jax.tree.leaves(
+        nnx.state(layer.experts, nnx.Param)))
+    active += expert * (expert_applications_per_token(layer, tokens)
+                        / layer.num_experts - 1)
 
   model_fn = steps.ModelFn(abstract)
   moe = config.model.moe
@@ -82,6 +76,6 @@ def summarize(config: ml_collections.ConfigDict) -> str:
       f'{size}x{size}x{channels} images, {num_classes} classes',
       f'total parameters:  {total:,}',
       f'active parameters per token: {active:,.0f}',
-      f'inference GFLOPs per image:  {gflops:.3f}',
+      f'inference GFLOPs per image:  {gflops:.4f}',
   ]
   return '\n'.join(lines)

@@ -5,6 +5,7 @@ Weight decay semantics: 'adamw' decays weights decoupled from the gradient
 (Loshchilov & Hutter 2019, as `optax.adamw`); 'adam' and 'sgd' add the classic
 L2 term `weight_decay * w` to the gradient. Only kernels (ndim >= 2) decay.
 Gradients are clipped by global norm first when `grad_clip_norm > 0`.
+Parameters matching `config.init_from.freeze` (fine-tuning) are not updated.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from vmoe.checkpoints import freeze
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
@@ -65,4 +68,5 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   if opt.name == 'adamw' and wd:
     parts.append(optax.add_decayed_weights(wd, mask=_decay_mask))
   parts.append(optax.scale_by_learning_rate(learning_rate_schedule(config)))
-  return optax.chain(*parts)
+  # Parameters frozen by `init_from.freeze` get zero updates.
+  return freeze.wrap_optimizer(optax.chain(*parts), config)

@@ -1,17 +1,39 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Order of work: validate the config, find the data, build the model and the
-optimizer, restore the latest checkpoint of `workdir` (or initialise), then
-train with periodic logging, evaluation and asynchronous checkpoints. A run
-killed at any point and started again with the same command continues from the
-latest checkpoint and ends with bit-identical parameters (same data order, same
-per-step randomness).
+Order of work, every error before anything is written where it can be known:
+
+  1. validate the config; check the data (splits, features, files);
+  2. chief process: create and lock the workdir, remove the temporary
+     directories of killed saves, compare the config with the stored
+     config.json (only `workdir.RESUME_CHANGEABLE` fields may differ);
+  3. build the model and optimizer (abstract shapes), check the free space;
+  4. restore the newest checkpoint that restores: a corrupt one (unreadable
+     metadata or data) is renamed `<step>.corrupt` and the previous one is
+     tried, each with one line on stderr; a checkpoint of another model or
+     optimizer is an error. No checkpoint: initialise;
+  5. a run already at or past num_train_steps returns at once (`already`);
+  6. train with periodic logging, checkpoints and evaluation (in that order:
+     an evaluation error never costs the step's checkpoint); config.json is
+     written with the first checkpoint of the run. SIGTERM/SIGINT save a
+     checkpoint and stop; a data error saves the current step and stops; a
+     non-finite loss, gradient or state stops without saving it.
+
+A run killed at any point and started again with the same command continues
+from the latest checkpoint and ends with bit-identical parameters (same data
+order, same per-step randomness).
+
+Logged train metrics are means over the steps since the previous log record
+of the same process: after a resume at step t the first record averages the
+steps from t + 1 only (the per-step metrics of an interrupted window are not
+checkpointed). With checkpoint_every_steps a multiple of log_every_steps (as
+in every shipped config) that only happens after a preemption or a kill.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any, Iterator
 
@@ -24,54 +46,49 @@ from flax import nnx
 from tqdm import tqdm
 
 from vmoe import sharding
+from vmoe.checkpoints import init_from
 from vmoe.data import pipeline
+from vmoe.evaluate import fewshot
 from vmoe.nn import vit
 from vmoe.train import checkpoint as checkpoint_lib
 from vmoe.train import metrics_writer
 from vmoe.train import optimizer as optimizer_lib
 from vmoe.train import steps
-from vmoe.train.config_validation import validate_config
+from vmoe.train import workdir as workdir_lib
+from vmoe.train.config_validation import ConfigError, validate_config
+
+IncompatibleCheckpointError = checkpoint_lib.IncompatibleCheckpointError
+WorkdirError = workdir_lib.WorkdirError
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training stopped because the loss or the gradients became NaN/inf."""
+  """Training stopped: the loss, gradients or the state became NaN/inf."""
 
 
-class IncompatibleCheckpointError(RuntimeError):
-  """The workdir holds a checkpoint of a different model/optimizer."""
+class NoUsableCheckpointError(RuntimeError):
+  """Every checkpoint of the workdir is corrupt (each was set aside)."""
+
+
+# Errors a user causes (config, data, workdir, checkpoints): `main.py` prints
+# their one-line message and exits with status 2.
+USER_ERRORS = (ConfigError, pipeline.DataError, WorkdirError,
+               IncompatibleCheckpointError, NoUsableCheckpointError,
+               checkpoint_lib.CheckpointWriteError)
 
 
 class Preempted(Exception):
-  """SIGTERM/SIGINT received; a checkpoint was saved."""
+  """SIGTERM/SIGINT received; a checkpoint was saved (if training started)."""
 
-  def __init__(self, signum: int, step: int):
-    super().__init__(f'received {signal.Signals(signum).name} at step {step}; '
-                     'checkpoint saved, run the same command to resume')
+  def __init__(self, signum: int, step: int | None):
+    name = signal.Signals(signum).name
+    if step is None:
+      message = (f'received {name} while starting; nothing was trained, run '
+                 'the same command to start again')
+    else:
+      message = (f'received {name} at step {step}; checkpoint saved, run the '
+                 'same command to resume')
+    super().__init__(message)
     self.signum = signum
-
-
-class _SignalFlag:
-  """Records SIGTERM/SIGINT so the loop can checkpoint and stop cleanly."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 class Experiment:
@@ -124,6 +141,17 @@ class Experiment:
         sharding.with_mesh(steps.make_eval_step(self.model_fn), self.mesh),
         in_shardings=(self.state_sharding['params'], self.batch_sharding),
         out_shardings=replicated)
+    # NaN/inf anywhere in the parameters or optimizer state (one pass over
+    # them; run before every save and log, not every step).
+    self.state_finite = jax.jit(
+        lambda state: steps.all_finite((state['params'], state['opt_state'])),
+        in_shardings=(self.state_sharding,), out_shardings=replicated)
+
+  @property
+  def checkpoint_bytes(self) -> int:
+    """Bytes of one checkpoint of the train state (uncompressed)."""
+    return sum(int(x.size) * x.dtype.itemsize
+               for x in jax.tree.leaves(self.abstract_state))
 
   def _init_state(self) -> dict[str, Any]:
     key = jax.random.key(self.config.seed)
@@ -158,68 +186,267 @@ def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
           for k in host[0]}
 
 
-def _check_finite(state, last_saved: int | None) -> None:
-  bad = int(jax.device_get(state['nonfinite_step']))
-  if bad >= 0:
-    kept = (f'the last good checkpoint (step {last_saved}) is kept'
-            if last_saved is not None else 'no checkpoint was written')
-    raise NonFiniteLossError(
-        f'loss or gradients became NaN/inf at step {bad}; training stopped, '
-        f'{kept}')
+class _SignalFlag:
+  """Records SIGTERM/SIGINT so the run can checkpoint and stop cleanly.
+
+  A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def stop_if_signalled(self) -> None:
+    """Before training starts: stop without writing anything."""
+    if self.signum is not None:
+      raise Preempted(self.signum, None)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
-def _write_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + '.tmp', path)
+def _agree(error: Exception | None, what: str) -> None:
+  """Raises `error`; with several processes each learns whether process 0
+  (the only one that did `what`) failed, so that none waits forever."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = int(multihost_utils.broadcast_one_to_all(
+        np.int32(error is not None)))
+    if failed and error is None:
+      error = WorkdirError(f'process 0 could not {what} (see its error)')
+  if error is not None:
+    raise error
+
+
+def _all_processes(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _prepare_workdir(config, workdir: str, lock: workdir_lib.Lock,
+                     ckpt_dir: str) -> None:
+  """Chief only: create + lock the workdir, clean up, check the config."""
+  workdir_lib.prepare(workdir)
+  lock.acquire()
+  try:
+    for path in checkpoint_lib.remove_stale_tmp(ckpt_dir):
+      logging.info('removed %s (a save that was killed)', path)
+  except OSError as e:
+    raise WorkdirError(f'cannot remove a stale checkpoint directory in '
+                       f'{ckpt_dir}: {e}') from None
+  if os.path.isdir(ckpt_dir) and any(
+      name.isdigit() for name in os.listdir(ckpt_dir)):
+    workdir_lib.check_resume_config(config, workdir)
+
+
+def _state_problem(exp: Experiment, state, step: int) -> str | None:
+  """Why a restored state cannot be resumed from, or None."""
+  stored = int(jax.device_get(state['step']))
+  if stored != step:
+    return f'it holds step {stored}'
+  if (int(jax.device_get(state['nonfinite_step'])) >= 0
+      or not bool(exp.state_finite(state))):
+    return 'it holds NaN/inf values'
+  return None
+
+
+def _restore_newest(ckpt: checkpoint_lib.Checkpointer, exp: Experiment,
+                    is_chief: bool):
+  """(state, step) of the newest checkpoint that restores; (None, None) if
+  there is none. Newer ones that did not restore are set aside (one line on
+  stderr each) only once an older one has restored: when none restores the
+  cause may be this run's (memory, permissions, a mount), so nothing moves."""
+  failed = []  # (step, reason), newest first
+  for step in reversed(ckpt.all_steps()):
+    state, reason = None, None
+    try:
+      ckpt.check_structure(step, exp.abstract_state)
+      state = ckpt.restore(step, exp.abstract_state)
+      reason = _state_problem(exp, state, step)
+    except checkpoint_lib.CorruptCheckpointError as e:
+      reason = e.reason
+    if _all_processes(reason is None):
+      if failed:
+        try:
+          if is_chief:
+            for bad, why in failed:
+              moved = ckpt.set_aside(bad)
+              print(f'warning: skipped checkpoint {bad} in {ckpt.directory} '
+                    f'({why or "unreadable on another process"}); moved it '
+                    f'to {moved}', file=sys.stderr, flush=True)
+        finally:
+          _barrier('vmoe_checkpoints_set_aside')
+          ckpt.reload()
+      return state, step
+    del state
+    failed.append((step, reason))
+  if failed:
+    step, why = failed[0]
+    raise NoUsableCheckpointError(
+        f'no checkpoint in {ckpt.directory} restores (steps '
+        f'{", ".join(str(s) for s, _ in sorted(failed))}; checkpoint {step}: '
+        f'{why or "unreadable on another process"}); nothing was moved: fix '
+        f'the cause, or move them aside (e.g. to <step>'
+        f'{checkpoint_lib.CORRUPT_SUFFIX}) to start from step 0')
+  return None, None
+
+
+def _already_trained(workdir: str, step: int) -> dict[str, Any]:
+  """The result of a run whose checkpoint is at or past num_train_steps."""
+  out = {'step': step, 'already_trained': True, 'train_seconds': 0.0}
+  record = metrics_writer.last_record(workdir, 'eval', step=step)
+  if record:
+    out.update({k: v for k, v in record.items() if k not in ('step', 'split')})
+  return out
+
+
+def _close(resource) -> None:
+  """Closes `resource`; its error surfaces only if nothing else failed."""
+  if resource is None:
+    return
+  if sys.exc_info()[0] is None:
+    resource.close()
+    return
+  try:
+    resource.close()
+  except Exception:  # pylint: disable=broad-except
+    pass
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
-  Returns the final eval metrics plus 'step' and 'train_seconds'.
+  Returns the final eval metrics plus 'step' and 'train_seconds'; for a run
+  already trained to num_train_steps (or beyond) 'already_trained': True and
+  the eval metrics logged at its last step, without training.
   """
-  validate_config(config)
-  pipeline.prepare_dataset(config.dataset)  # fails fast if data is missing
-  is_chief = jax.process_index() == 0
-  exp = Experiment(config)
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=config.max_to_keep)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = exp.init_state()
-  else:
+  with _SignalFlag() as flag:
+    if not workdir_lib.is_remote(workdir):
+      workdir = os.path.abspath(os.path.expanduser(workdir))
+    validate_config(config, resuming=checkpoint_lib.has_checkpoints(
+        os.path.join(workdir, 'checkpoints')))
+    pipeline.check_data(config, process_count=jax.process_count())
+    lock = workdir_lib.Lock(workdir)
     try:
-      state = ckpt.restore(latest, exp.abstract_state)
-    except (ValueError, KeyError, TypeError) as e:
-      raise IncompatibleCheckpointError(
-          f'{ckpt.directory} holds a checkpoint (step {latest}) that does not '
-          f'match this config; use another --workdir ({str(e).splitlines()[0]})'
-      ) from None
-  start_step = int(jax.device_get(state['step']))
+      return _run(config, workdir, lock, flag)
+    finally:
+      lock.release()
+
+
+def _run(config, workdir: str, lock: workdir_lib.Lock,
+         flag: _SignalFlag) -> dict[str, Any]:
+  is_chief = jax.process_index() == 0
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  error = None
   if is_chief:
-    _write_config(config, workdir)
+    try:
+      _prepare_workdir(config, workdir, lock, ckpt_dir)
+    except WorkdirError as e:
+      error = e
+    except OSError as e:  # the other processes must not wait for process 0
+      error = WorkdirError(f'--workdir={workdir}: {e}')
+  _agree(error, f'prepare --workdir={workdir}')
+  flag.stop_if_signalled()
+  exp = Experiment(config)
+  fewshot_eval = fewshot.evaluator_from_config(config, exp)  # None when off
+  error = None
+  if is_chief:
+    try:
+      workdir_lib.check_free_space(workdir, exp.checkpoint_bytes)
+    except WorkdirError as e:
+      error = e
+    except OSError as e:
+      error = WorkdirError(f'--workdir={workdir}: {e}')
+  _agree(error, f'find free space in --workdir={workdir}')
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.max_to_keep)
+  writer = bar = None
+  try:
+    state, latest = _restore_newest(ckpt, exp, is_chief)
+    flag.stop_if_signalled()
+    if state is None:
+      state = exp.init_state()
+      # config.init_from: a checkpoint's weights for step 0 (new runs only).
+      state = init_from.initialize_state(config, state, tx=exp.tx,
+                                         state_sharding=exp.state_sharding)
+    start_step = int(jax.device_get(state['step']))
+    num_steps = config.num_train_steps
+    if start_step >= num_steps:
+      return _already_trained(workdir, start_step)
     logging.info('%s at step %d', 'Resuming' if latest else 'Starting',
                  start_step)
-  writer = metrics_writer.MetricWriter(workdir, enabled=is_chief,
-                                       resume_step=start_step)
-  num_steps = config.num_train_steps
-  train_iter: Iterator = pipeline.train_iterator(
-      config, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  last_saved = latest
-  eval_metrics: dict[str, Any] = {}
-  history: list[dict[str, Any]] = []
-  t_start = time.perf_counter()
-  t_log, step_log = t_start, start_step
-  bar = tqdm(total=num_steps, initial=start_step, unit='step',
-             disable=not is_chief, dynamic_ncols=True, desc='train')
-  try:
-    with _SignalFlag() as flag:
-      step = start_step
+    writer = metrics_writer.MetricWriter(workdir, enabled=is_chief,
+                                         resume_step=start_step)
+    train_iter: Iterator = pipeline.train_iterator(
+        config, start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    last_saved, last_checked = latest, start_step
+    config_written = False
+    eval_metrics: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    t_log, step_log = t_start, start_step
+    bar = tqdm(total=num_steps, initial=start_step, unit='step',
+               disable=not is_chief, dynamic_ncols=True, desc='train')
+
+    def check_finite(step: int) -> None:
+      """NonFiniteLossError unless the state of `step` may be saved."""
+      nonlocal last_checked
+      if last_checked == step:  # a log step that is also a save step
+        return
+      kept = (f'the last good checkpoint (step {last_saved}) is kept'
+              if last_saved is not None else 'no checkpoint was written')
+      bad = int(jax.device_get(state['nonfinite_step']))
+      if bad >= 0:
+        # State step `bad` ran the (bad + 1)-th step, the one that
+        # checkpoint `bad + 1` would hold.
+        raise NonFiniteLossError(
+            f'loss or gradients became NaN/inf at step {bad + 1}; training '
+            f'stopped, {kept}')
+      if not bool(exp.state_finite(state)):
+        raise NonFiniteLossError(
+            'parameters or optimizer state became NaN/inf between steps '
+            f'{last_checked + 1} and {step} with finite loss and gradients '
+            '(an update overflowed: is config.optimizer.learning_rate too '
+            f'large?); training stopped, {kept}')
+      last_checked = step
+
+    def save(step: int) -> None:
+      nonlocal last_saved, config_written
+      check_finite(step)
+      # config.json describes the checkpoints: written with the first one of
+      # this run, so that a run that fails before it leaves the old one.
+      if is_chief and not config_written:
+        workdir_lib.write_config(config, workdir)
+        config_written = True
+      ckpt.save(step, state)
+      last_saved = step
+
+    step = start_step
+    try:
       while step < num_steps:
         batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
         state, metrics = exp.train_step(state, batch)
@@ -228,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         bar.update(1)
         last = step == num_steps
         if step % config.log_every_steps == 0 or last:
-          _check_finite(state, last_saved)
+          check_finite(step)
           mean = _mean_metrics(history)
           history.clear()
           now = time.perf_counter()
@@ -239,24 +466,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           writer.write(step, 'train', mean)
           bar.set_postfix(loss=f"{float(mean['loss']):.4f}",
                           acc=f"{float(mean['accuracy']):.3f}")
+        # Saved before evaluating, so that an evaluation error never costs
+        # the step's checkpoint.
+        if step % config.checkpoint_every_steps == 0 or last:
+          save(step)
         if step % config.eval_every_steps == 0 or last:
           eval_metrics = exp.evaluate(state['params'])
           writer.write(step, 'eval', eval_metrics)
           bar.write(f'step {step}: eval accuracy {eval_metrics["accuracy"]:.4f}'
                     f' loss {eval_metrics["loss"]:.4f}')
-        if step % config.checkpoint_every_steps == 0 or last:
-          _check_finite(state, last_saved)
-          ckpt.save(step, state)
-          last_saved = step
+        if fewshot_eval is not None and fewshot_eval.due(step, last):
+          writer.write(step, 'fewshot', fewshot_eval(state['params']))
         if flag.signum is not None:
-          _check_finite(state, last_saved)
-          ckpt.save(step, state)
+          save(step)
           ckpt.wait()
           raise Preempted(flag.signum, step)
+    except pipeline.DataError:
+      # Keep the steps done so far: the run resumes here once the data is
+      # fixed.
+      if step > start_step:
+        try:
+          save(step)
+        except NonFiniteLossError:
+          pass
+      raise
   finally:
-    bar.close()
-    writer.close()
-    ckpt.close()
+    if bar is not None:
+      bar.close()
+    try:
+      _close(writer)
+    finally:  # wait for an async save even if the writer fails to close
+      _close(ckpt)
   eval_metrics = dict(eval_metrics)
   eval_metrics['step'] = num_steps
   eval_metrics['train_seconds'] = time.perf_counter() - t_start

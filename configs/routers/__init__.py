@@ -1,0 +1,4 @@
+"""Router comparison configs: every router at matched active compute.
+
+See `recipe.py` for the shared settings and the naming scheme.
+"""

@@ -1,0 +1,29 @@
+"""Sparsity-constrained expert choice ViT-B/16 with 32 experts.
+
+Reproduces: the sparsity-constrained expert choice router of "Routers in
+Vision Mixture of Experts: An Empirical Study" (Liu, Blondel, Riquelme,
+Puigcerver; TMLR 2024; google-research/vmoe
+`projects/sparsity_constrained_ot`) at 32 experts, as the study compares
+routers, on ImageNet-1k with this repository's recipe (300 epochs at batch
+4096, `common.imagenet_recipe`): ViT-B/16 whose blocks 6-11 are MoE layers
+(the placement of the Soft MoE configs here), one image (197 tokens) per
+routing group; the softmax gates are projected onto transport plans with at
+most c = 7 non-zeros per expert column (20 Adam steps, lr 1e-2, on the semi-
+dual of Liu et al. 2023); every expert takes its top 7 tokens by the plan,
+combine weights = softmax gates, no router noise.
+Shared settings: `configs/routers/recipe.py`.
+
+  python main.py --config=configs/routers/sparse_ec_b16.py \
+      --workdir=$WORKDIR \
+      --config.dataset.data_dir=/path/to/tfds
+
+Cost (`--config.dry_run=True`): 965M parameters (90.6M active per
+token), 37.9 GFLOPs per image.
+"""
+
+from configs.routers import recipe
+
+
+def get_config():
+  return recipe.imagenet('B/16', router='sparsity_constrained_expert_choice',
+                         capacity_factor=1.0)

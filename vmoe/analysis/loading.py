@@ -1,0 +1,134 @@
+"""Trained models and evaluation data for the analysis functions.
+
+  trained = load('/tmp/vmoe_b16_digits')          # config.json + latest checkpoint
+  batches = eval_batches(trained.config, max_examples=300)
+
+A `Trained` holds the resolved config, the model with its parameters (a
+`vmoe.nn.vit.VisionTransformer`, NNX) and the step; every analysis function
+takes the model (or the trained run) and eval batches
+{'image' [b, H, W, C], 'label' [b], 'mask' [b]} of `vmoe.data.pipeline`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from vmoe.nn import vit
+from vmoe.train import steps
+
+
+@dataclasses.dataclass
+class Trained:
+  """A model with parameters and the config it was trained with."""
+  config: ml_collections.ConfigDict
+  model: vit.VisionTransformer
+  step: int | None = None
+  workdir: str | None = None
+
+  @property
+  def params(self) -> dict[str, Any]:
+    """Parameters as a pure dict (the trainer's `state['params']`)."""
+    return nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.model.head.kernel.shape[-1])
+
+
+def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to `<workdir>/config.json`."""
+  from vmoe.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.stored_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f'{os.path.join(workdir, "config.json")} does not '
+                            'exist: not a training workdir')
+  return config
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints kept in `workdir`, ascending."""
+  from vmoe.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     max_to_keep=1000, async_save=False)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
+def from_params(config: ml_collections.ConfigDict, params: dict[str, Any], *,
+                step: int | None = None, workdir: str | None = None
+                ) -> Trained:
+  """A `Trained` from a config and a pure parameter dict; the number of
+  classes is read from the head."""
+  num_classes = int(np.shape(params['head']['kernel'])[-1])
+  abstract = nnx.eval_shape(lambda: vit.create_model(
+      config.model, num_classes=num_classes,
+      image_size=config.preprocess.image_size,
+      num_channels=config.preprocess.num_channels, rngs=nnx.Rngs(0)))
+  model = steps.ModelFn(abstract).merge(jax.tree.map(jnp.asarray, params))
+  return Trained(config=config, model=model, step=step, workdir=workdir)
+
+
+def load(workdir: str, step: int | None = None) -> Trained:
+  """The model of `workdir` at `step` (default: the latest checkpoint)."""
+  from vmoe.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  config = config_from_workdir(workdir)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     max_to_keep=1000, async_save=False)
+  try:
+    steps_kept = ckpt.all_steps()
+    if not steps_kept:
+      raise ValueError(f'no checkpoint in {ckpt.directory}')
+    if step is None:
+      step = max(steps_kept)
+    elif step not in steps_kept:
+      raise ValueError(f'step={step} is not a checkpoint of {workdir} '
+                       f'(kept: {sorted(steps_kept)})')
+    params = ckpt.restore_as_saved(step)['params']
+  finally:
+    ckpt.close()
+  return from_params(config, params, step=int(step), workdir=workdir)
+
+
+def eval_batches(config: ml_collections.ConfigDict, *,
+                 split: str | None = None, dataset: str | None = None,
+                 max_examples: int | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Eval batches of `split` (default: config.dataset.eval_split) with the
+  eval preprocessing and batch size of `config`, in a fixed order; with
+  `max_examples`, batches stop once that many real examples were yielded
+  (the last one masked beyond it)."""
+  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vmoe.evaluate import fewshot  # pylint: disable=g-import-not-at-top
+  cfg = fewshot.split_config(config, split or config.dataset.eval_split,
+                             dataset)
+  seen = 0
+  for batch in pipeline.eval_iterator(cfg):
+    if max_examples is not None:
+      if seen >= max_examples:
+        return
+      mask = batch['mask'].copy()
+      real = np.flatnonzero(mask > 0)
+      mask[real[max_examples - seen:]] = 0
+      batch = dict(batch, mask=mask)
+    seen += int(np.sum(batch['mask'] > 0))
+    yield batch
+
+
+def initialized(config: ml_collections.ConfigDict, *, num_classes: int,
+                seed: int = 0) -> Trained:
+  """The model of `config` with freshly initialised parameters (seed)."""
+  model = vit.create_model(config.model, num_classes=num_classes,
+                           image_size=config.preprocess.image_size,
+                           num_channels=config.preprocess.num_channels,
+                           rngs=nnx.Rngs(seed))
+  return Trained(config=config, model=model, step=0)
