@@ -136,12 +136,24 @@ def test_defaults_match_base_config():
           == fewshot.default_config().to_dict())
 
 
-def test_evaluator_missing_split_fails_fast(digits_data_dir):
+def test_evaluator_missing_split_fails_fast(digits_data_dir, tmp_path):
+  from vmoe.train import trainer
   from vmoe.train.config_validation import ConfigError
   config = tiny_digits_config(digits_data_dir)
   config.fewshot.test_split = 'validation'
-  with pytest.raises(ConfigError, match=r"config.fewshot.test_split: split='validation' is not"):
+  message = r"^config.fewshot.test_split='validation': split='validation' is not"
+  with pytest.raises(ConfigError, match=message):
     fewshot.FewShotEvaluator(config, model_fn=None)
+  # The trainer finds it before it touches the workdir.
+  config.fewshot.every_steps = 2
+  with pytest.raises(ConfigError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+  config.fewshot.test_split = 'test'
+  config.fewshot.dataset = 'no_such_dataset'
+  with pytest.raises(ConfigError, match=r"^config.fewshot.dataset="
+                                        r"'no_such_dataset': "):
+    fewshot.check_data(config, only_if_on=False)
 
 
 def test_main_rejects_bad_fewshot_config(digits_data_dir):

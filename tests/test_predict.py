@@ -14,6 +14,7 @@ from flax import nnx
 
 from configs import common
 from vmoe import checkpoints
+from vmoe import config_flag
 from vmoe import predict
 from vmoe.data import digits
 from vmoe.nn import moe
@@ -102,7 +103,9 @@ def test_predict_errors_are_one_line(workdir, capsys):
            ([f'--workdir={path}'], 'give one or more image'),
            ([f'--workdir={path}', f'--checkpoint={path}', files[0]],
             'exactly one of'),
-           ([f'--checkpoint={path}/nothing', files[0]], 'needs --config'))
+           ([f'--checkpoint={path}/nothing', files[0]], 'needs --config'),
+           ([f'--checkpoint={path}', '--config=/no/such_config.py', files[0]],
+            'such_config.py'))
   for argv, message in cases:
     with pytest.raises(SystemExit) as info:
       subprocess_free_main(argv)
@@ -119,7 +122,8 @@ def subprocess_free_main(argv):
   if not _PREDICT_FLAGS:  # define them once per process, as the command does
     _PREDICT_FLAGS.append(predict.define_flags())
   flags.FLAGS.unparse_flags()
-  rest = flags.FLAGS(['predict'] + argv)
+  # As the command parses: a bad flag is one line and exit status 2.
+  rest = config_flag.parse_flags(['predict'] + argv)
   predict.main(rest, _PREDICT_FLAGS[0])
 
 

@@ -32,8 +32,9 @@ import types
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 import numpy as np
+
+from vmoe import config_flag
 
 
 def define_flags() -> types.SimpleNamespace:
@@ -47,9 +48,8 @@ def define_flags() -> types.SimpleNamespace:
       format=flags.DEFINE_enum('format', 'auto',
                                ['auto', 'ours', 'big_vision', 'vmoe'],
                                'Format of --checkpoint.'),
-      config=config_flags.DEFINE_config_file(
-          'config', None, 'Config describing the model of --checkpoint.',
-          lock_config=True),
+      config=config_flag.define_config_flag(
+          'config', 'Config describing the model of --checkpoint.'),
       top=flags.DEFINE_integer('top', 5, 'Classes printed per image.'),
       routing=flags.DEFINE_bool(
           'routing', False, "Print each MoE layer's expert use per image."))
@@ -237,26 +237,31 @@ def main(argv, f: types.SimpleNamespace):
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS chatter
   from vmoe import checkpoints  # pylint: disable=g-import-not-at-top
   from vmoe.checkpoints import ours  # pylint: disable=g-import-not-at-top
+  from vmoe.train import config_validation  # pylint: disable=g-import-not-at-top
   from vmoe.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
+    config = config_flag.config_value(f.config)
     if f.workdir.value:
-      config = f.config.value or ours.workdir_config(f.workdir.value)
+      config = config or ours.workdir_config(f.workdir.value)
       if config is None:
         _fail(f'--workdir={f.workdir.value!r} has no config.json; pass '
               '--config')
+    elif config is None:
+      _fail('--checkpoint needs --config (the model and preprocessing)')
+    # The model's fields (a checkpoint it was fine-tuned from is not read).
+    config_validation.validate_config(config, resuming=True)
+    if f.workdir.value:
       source = checkpoints.read(f.workdir.value, 'ours')
     else:
-      config = f.config.value
-      if config is None:
-        _fail('--checkpoint needs --config (the model and preprocessing)')
       source = checkpoints.read(f.checkpoint.value, f.format.value)
     print(predict(config, source, images, top=f.top.value,
                   routing=f.routing.value))
   except (checkpoints.CheckpointError, PredictError,
-          workdir_lib.WorkdirError) as e:
+          workdir_lib.WorkdirError, config_validation.ConfigError) as e:
     _fail(str(e))
 
 
 if __name__ == '__main__':
   _flags = define_flags()
-  app.run(lambda argv: main(argv, _flags))
+  app.run(lambda argv: main(argv, _flags),
+          flags_parser=config_flag.parse_flags)

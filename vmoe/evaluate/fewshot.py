@@ -277,12 +277,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          'must be a non-empty split name')
 
 
+def check_data(config: ml_collections.ConfigDict, only_if_on: bool = True
+               ) -> None:
+  """The few-shot dataset and splits exist (with `only_if_on`, only when
+  `every_steps` turns few-shot on), before any work; one-line `ConfigError`
+  naming the `config.fewshot` field."""
+  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vmoe.train.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
+  validate_config(config)
+  fc = _fewshot_config(config)
+  if only_if_on and fc.every_steps == 0:
+    return
+  for field in ('train_split', 'test_split'):
+    cfg = split_config(config, fc[field], fc.dataset, fc.data_dir)
+    try:
+      pipeline.prepare_dataset(cfg.dataset)
+      pipeline.num_examples(cfg.dataset, cfg.dataset.eval_split)
+    except (ValueError, pipeline.DataError) as e:
+      name = 'dataset' if fc.dataset else field
+      raise ConfigError(f'config.fewshot.{name}={fc[name]!r}: '
+                        f'{str(e).splitlines()[0]}') from None
+
+
 class FewShotEvaluator:
   """n-shot ridge accuracies of a model's pre-logit features.
 
-  Checks the data at construction (so a missing dataset or split fails
-  before training, with `pipeline.DatasetNotFoundError` or `ConfigError`);
-  each call extracts the features of the train and test
+  Checks the data at construction (`check_data`: a missing dataset or split
+  is a one-line `ConfigError`); each call extracts the features of the train and test
   splits with the given parameters and fits the ridge regressions.
 
   Args:
@@ -296,21 +317,13 @@ class FewShotEvaluator:
   def __init__(self, config: ml_collections.ConfigDict, model_fn, *,
                mesh=None, params_sharding=None, batch_sharding=None):
     from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
-    from vmoe.train.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
-    validate_config(config)
+    check_data(config, only_if_on=False)
     self.fewshot = fc = _fewshot_config(config)
     self.name = fc.dataset or config.dataset.name
     self.train_cfg = split_config(config, fc.train_split, fc.dataset,
                                   fc.data_dir)
     self.test_cfg = split_config(config, fc.test_split, fc.dataset,
                                  fc.data_dir)
-    pipeline.prepare_dataset(self.train_cfg.dataset)  # fails fast
-    for cfg, field in ((self.train_cfg, 'train_split'),
-                       (self.test_cfg, 'test_split')):
-      try:
-        pipeline.num_examples(cfg.dataset, cfg.dataset.eval_split)
-      except ValueError as e:
-        raise ConfigError(f'config.fewshot.{field}: {e}') from None
     self.num_classes = pipeline.num_classes(self.train_cfg.dataset)
     self.features_fn = make_features_fn(model_fn, mesh, params_sharding,
                                         batch_sharding)

@@ -350,6 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     validate_config(config, resuming=checkpoint_lib.has_checkpoints(
         os.path.join(workdir, 'checkpoints')))
     pipeline.check_data(config, process_count=jax.process_count())
+    fewshot.check_data(config)
     lock = workdir_lib.Lock(workdir)
     try:
       return _run(config, workdir, lock, flag)
