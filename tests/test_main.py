@@ -113,6 +113,6 @@ def test_sigkill_and_rerun_gives_identical_parameters(digits_data_dir,
       f'warning: skipped checkpoint {newest} in {ckpt_dir} (')
   assert (ckpt_dir / f'{newest}.corrupt').is_dir()
   assert not list(ckpt_dir.glob('*orbax-checkpoint-tmp*'))
-  assert 'Traceback' not in proc.stderr
+  assert 'Traceback' not in proc.stderr, proc.stderr[-4000:]
   jax.tree.map(np.testing.assert_array_equal, trainer.final_params(str(full)),
                trainer.final_params(str(killed)))

@@ -19,9 +19,12 @@ or data (truncated, overwritten, zeroed or deleted files) is
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging as logging_std
 import os
 import re
 import shutil
+import sys
 from typing import Any, Iterator
 
 import jax
@@ -87,6 +90,46 @@ def _quiet() -> Iterator[None]:
     yield
   finally:
     logging.set_verbosity(verbosity)
+
+
+class _AbandonedReadsFilter(logging_std.Filter):
+  """Drops asyncio's 'exception was never retrieved' records."""
+
+  def filter(self, record):
+    return 'exception was never retrieved' not in record.getMessage()
+
+
+_silenced_abandoned_reads = False
+
+
+def _silence_abandoned_reads() -> None:
+  """Keeps the array reads a failed restore left behind off stderr.
+
+  orbax reads the arrays concurrently; when one read fails, the others fail
+  on their own and are dropped unawaited, which Python and asyncio print as
+  'Exception ignored in <coroutine ...>' / 'Future exception was never
+  retrieved' tracebacks whenever (and in whichever thread) they are
+  collected. The failure is reported once, by the caller; from the first
+  failed restore on, exactly those two kinds of report are dropped.
+  """
+  global _silenced_abandoned_reads
+  if _silenced_abandoned_reads:
+    return
+  _silenced_abandoned_reads = True
+  hook = sys.unraisablehook
+
+  def drop_orbax_reads(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is not None and 'orbax' in code.co_filename:
+      return
+    # Their TensorStore reads completing after orbax closed its event loop.
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    hook(unraisable)
+
+  sys.unraisablehook = drop_orbax_reads
+  logging_std.getLogger('asyncio').addFilter(_AbandonedReadsFilter())
 
 
 def _key_name(entry) -> str:
@@ -233,7 +276,10 @@ class Checkpointer:
     except MemoryError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpointError(step, _data_error(e)) from None
+      reason = _data_error(e)
+    _silence_abandoned_reads()
+    gc.collect()  # finalise them now, while the filters are in place
+    raise CorruptCheckpointError(step, reason)
 
   def restore_as_saved(self, step: int) -> Any:
     """Restores `step` as saved (numpy/jax arrays on the default device)."""
@@ -248,10 +294,11 @@ class Checkpointer:
     source = self.step_path(step)
     target = source + CORRUPT_SUFFIX
     n = 1
-    while os.path.exists(target):
+    # epath (orbax's paths): local directories and gs:// alike.
+    while epath.Path(target).exists():
       n += 1
       target = f'{source}{CORRUPT_SUFFIX}.{n}'
-    os.rename(source, target)
+    epath.Path(source).rename(target)
     return target
 
   def reload(self) -> None:
