@@ -13,7 +13,6 @@ against kernels='xla' on one device. Prints one JSON line prefixed 'RESULT '.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -23,13 +22,11 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tests.test_moe import build, config
+from tests.test_moe import fast_jit as jit
 from vmoe import sharding
 from vmoe.nn import moe
 
 D, H, E, S = 8, 16, 4, 8
-jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 
 def max_diff(a, b) -> float:

@@ -12,7 +12,6 @@ line prefixed 'RESULT ': {router/dispatch: max differences and HLO counts}.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -21,7 +20,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from tests.pallas_ep_worker import max_diff
 from tests.test_moe import build, config
+from tests.test_moe import fast_jit as jit
 from vmoe import sharding
 from vmoe.nn import moe
 
@@ -35,14 +36,6 @@ CASES = {
     'sinkhorn_expert_choice': ('indices', 'einsum'),
     'sparsity_constrained_expert_choice': ('indices', 'einsum'),
 }
-jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
-
-
-def max_diff(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def compare(router: str, dispatch: str, mesh_shape: tuple[int, int]) -> dict:

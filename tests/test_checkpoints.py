@@ -1,7 +1,6 @@
 """Checkpoint import (big_vision / vit_jax npz, vmoe, ours), init_from,
 position-embedding resizing, freezing and sparse upcycling."""
 
-import functools
 import importlib.util
 import os
 import shutil
@@ -15,6 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import common
+from tests.test_moe import fast_jit
 from vmoe import checkpoints
 from vmoe.checkpoints import big_vision
 from vmoe.checkpoints import freeze
@@ -32,12 +32,6 @@ GAP = os.path.join(DATA, 'big_vision_vit_gap.npz')  # big_vision, GAP
 VMOE = os.path.join(DATA, 'vmoe_vit_moe', 'ckpt')
 IMAGES = np.load(os.path.join(DATA, 'big_vision_vit_expected.npz'))['images']
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# Tiny programs: compile fast rather than well (as tests/test_moe.py).
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 
 def model_config(**kw):
