@@ -22,8 +22,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           'results')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, 'bench', 'results')
+
+
+def load_config(name: str):
+  """`get_config()` of configs/<name>.py (e.g. 'vmoe_b16')."""
+  from vmoe import config_flag  # pylint: disable=g-import-not-at-top
+  return config_flag.load_config_file(
+      os.path.join(REPO, 'configs', f'{name}.py'))
 
 
 def block(x):

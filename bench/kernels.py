@@ -65,9 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pallas_kernels import compat
-from pallas_kernels import gmm as gmm_lib
-from pallas_kernels import soft_moe
+from vmoe.kernels import compat
+from vmoe.kernels import gmm as gmm_lib
+from vmoe.kernels import soft_moe
 from vmoe.nn import dispatch as dp
 from vmoe.nn import routing as rt
 
@@ -182,24 +182,25 @@ def _normal(rng, shape, dtype):
 
 
 def routing_cases(images: int, backend, interpret, e: int = 8) -> list[Case]:
-  routing = _optional('pallas_kernels.routing')
+  routing = _optional('vmoe.kernels.routing')
   rng = _rng(1)
   logits = _normal(rng, (images, SEQ, e), jnp.float32)
   kw = dict(backend=backend, interpret=interpret)
   cases = []
   c_tc = rt.compute_capacity(SEQ, e, capacity_factor=1.05, num_selected=2)
   tc = dict(num_selected=2, capacity=c_tc, batch_priority=True)
-  variants = {'xla': lambda l: rt.token_choice(l, **tc)}
+  variants = {'xla': lambda l: rt.token_choice_from_logits(l, **tc)}
   if routing is not None:
-    variants['pallas'] = lambda l: routing.token_choice(l, **tc, **kw)
+    variants['pallas'] = lambda l: routing.token_choice_from_logits(
+        l, **tc, **kw)
   decision = 4 * images * SEQ * 2 * 4  # expert, position, weight, valid
   cases.append(Case('routing', f'token choice k=2 bpr e={e}', variants,
                     (logits,), bytes=logits.size * 4 + decision, bwd_factor=2))
   c_ec = rt.compute_capacity(SEQ, e, capacity_factor=2.0)
-  variants = {'xla': lambda l: rt.expert_choice(l, capacity=c_ec)}
+  variants = {'xla': lambda l: rt.expert_choice_from_logits(l, capacity=c_ec)}
   if routing is not None:
-    variants['pallas'] = lambda l: routing.expert_choice(l, capacity=c_ec,
-                                                         **kw)
+    variants['pallas'] = lambda l: routing.expert_choice_from_logits(
+        l, capacity=c_ec, **kw)
   cases.append(Case('routing', f'expert choice cf=2 e={e}', variants,
                     (logits,), bytes=logits.size * 4 + 2 * images * e * c_ec
                     * 4, bwd_factor=2))
@@ -208,11 +209,11 @@ def routing_cases(images: int, backend, interpret, e: int = 8) -> list[Case]:
 
 def dispatch_cases(images: int, d: int, label: str, dtype, backend,
                    interpret, e: int = 8) -> list[Case]:
-  kernel = _optional('pallas_kernels.dispatch')
+  kernel = _optional('vmoe.kernels.dispatch')
   rng = _rng(2)
   x = _normal(rng, (images, SEQ, d), dtype)
   c = rt.compute_capacity(SEQ, e, capacity_factor=1.05, num_selected=2)
-  r = rt.token_choice(_normal(rng, (images, SEQ, e), jnp.float32),
+  r = rt.token_choice_from_logits(_normal(rng, (images, SEQ, e), jnp.float32),
                       num_selected=2, capacity=c, batch_priority=True)
   # The combine weights are an input of their own, so that fwd+bwd also
   # times their gradient.
@@ -369,12 +370,11 @@ def time_case(case: Case, repeats: int, peak_tflops: float,
   return rows
 
 
-# name -> (config module, model.moe overrides, classes).
+# name -> (config under configs/, model.moe overrides, classes).
 TRAIN_MODELS = {
-    'V-MoE-B/16': ('configs.vmoe_b16', {}, 1000),
-    'V-MoE-B/16 dropless': ('configs.vmoe_b16', {'dispatch': 'dropless'},
-                            1000),
-    'Soft MoE-B/16': ('configs.soft_moe_b16', {}, 1000),
+    'V-MoE-B/16': ('vmoe_b16', {}, 1000),
+    'V-MoE-B/16 dropless': ('vmoe_b16', {'dispatch': 'dropless'}, 1000),
+    'Soft MoE-B/16': ('soft_moe_b16', {}, 1000),
 }
 
 
@@ -399,7 +399,7 @@ def train_rows(batch: int, repeats: int, models=None,
   calls, states = {}, {}
   for model, (module, overrides, classes) in (models or TRAIN_MODELS).items():
     for kernels in modes:
-      config = importlib.import_module(module).get_config()
+      config = common.load_config(module)
       cfg = config.model
       cfg.dtype = dtype
       cfg.moe.update(dict(overrides, kernels=kernels))

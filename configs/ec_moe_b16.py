@@ -12,7 +12,7 @@ Cost (`--config.dry_run=True`): 285M parameters, 47 GFLOPs per image.
       --config.dataset.data_dir=/path/to/tfds
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

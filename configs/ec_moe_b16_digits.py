@@ -9,7 +9,7 @@ group of 4 images (capacity factor 2), no router noise, no balancing loss.
 Expected: test accuracy ~0.97 in 2-4 minutes on 2 CPU cores.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

@@ -15,7 +15,7 @@ ViT-B/16: 128 slots for 196 tokens cost less than the dense MLP they replace,
 plus the dispatch/combine contractions).
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

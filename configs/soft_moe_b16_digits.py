@@ -10,7 +10,7 @@ B/16 128E setting (196 tokens, 128 slots).
 Expected: test accuracy ~0.97 in 2-4 minutes on 2 CPU cores.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

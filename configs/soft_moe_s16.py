@@ -11,7 +11,7 @@ head), 9.7 GFLOPs per image.
       --config.dataset.data_dir=/path/to/tfds
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

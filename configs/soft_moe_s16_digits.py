@@ -9,7 +9,7 @@ small-experts regime of the paper at CPU size.
 Expected: test accuracy ~0.97 in 2-4 minutes on 2 CPU cores.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

@@ -13,7 +13,7 @@ Cost: 86.6M parameters, 35 GFLOPs per image (forward).
 Needs `imagenet2012` prepared in data_dir (manual download, see README).
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

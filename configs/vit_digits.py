@@ -11,7 +11,7 @@ Expected: test accuracy ~0.97 after 800 steps (~68 epochs), 2-3 minutes on 2
 CPU cores.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

@@ -13,7 +13,7 @@ Cost (`--config.dry_run=True`): 285M parameters (115M active per token),
 48 GFLOPs per image (1.35x ViT-B/16: k=2 at capacity 1.05 in 6 of 12 MLPs).
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

@@ -10,7 +10,7 @@ images (68 tokens), as V-MoE groups tokens of several images.
 Expected: test accuracy ~0.97 in 2-4 minutes on 2 CPU cores.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

@@ -15,7 +15,7 @@ GFLOPs per image. Evaluate at other capacities with
 --config.model.moe.eval_capacity_factor=...
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

@@ -11,7 +11,7 @@ Expected: test accuracy ~0.97 in 2-4 minutes on 2 CPU cores; routing metrics
 (dropped fraction, expert load, losses) in metrics.jsonl under `moe/block_*`.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 
 def get_config():

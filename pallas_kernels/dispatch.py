@@ -64,8 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import compat
-from vmoe.nn import dispatch as dp
+from vmoe.kernels import compat
 from vmoe.nn import routing as rt
 
 Array = jax.Array
@@ -503,9 +502,10 @@ _tc_combine.defvjp(_tc_combine_fwd, _tc_combine_bwd)
 
 
 def _tc_maps(r: rt.TokenChoiceRouting):
-  """Index maps of `vmoe.nn.dispatch`'s 'indices' path, as [rows, k]."""
+  """Index maps of the 'indices' dispatch (`rt.TokenChoiceSlotMaps`), as
+  [rows, k]."""
   g, s, k = r.expert_index.shape
-  maps = dp._TokenChoiceMaps.build(r)  # pylint: disable=protected-access
+  maps = rt.TokenChoiceSlotMaps.build(r)
   return (maps.pair_slot.reshape(g * s, k), maps.slot_token.reshape(-1, 1),
           maps.slot_pair.reshape(-1, 1))
 

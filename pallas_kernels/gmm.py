@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import compat
+from vmoe.kernels import compat
 
 # The kernel module (the package re-exports `gmm`, the op, under this name).
 megablox = importlib.import_module(

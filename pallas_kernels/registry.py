@@ -28,17 +28,18 @@ the expert-parallel shard_map through the TPU interpreter, see
 
 Consumers ask by (part, operation):
 
-    fn = registry.lookup(kernels, 'routing', 'token_choice', rt.token_choice)
+    fn = registry.lookup(kernels, 'routing', 'token_choice_from_logits',
+                         rt.token_choice_from_logits)
 
 Adding a kernel = its module plus ONE `register(part, operation, target)`
 line in the block at the end of this file; the target ('module:attribute',
 or a module) is imported on first use, so this file imports nothing but the
-standard library and nothing is imported unless selected. The operations
-and the contract of their targets:
+standard library (and `vmoe.config`) and nothing is imported unless selected.
+The operations and the contract of their targets:
 
-  ('routing', 'token_choice')              = `rt.token_choice` signature
+  ('routing', 'token_choice_from_logits')  = `rt.token_choice_from_logits`
   ('routing', 'token_choice_from_gates')   = `rt.token_choice_from_gates`
-  ('routing', 'expert_choice')             = `rt.expert_choice`
+  ('routing', 'expert_choice_from_logits') = `rt.expert_choice_from_logits`
   ('routing', 'expert_choice_from_gates')  = `rt.expert_choice_from_gates`
   ('dispatch', <decision class name>)      a module with dispatch(r, x) ->
       [e, g, c, d] and combine(r, outputs) -> [g, s, d], as
@@ -54,6 +55,8 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from vmoe.config import ConfigError
 
 PARTS = ('routing', 'dispatch', 'gmm', 'soft')
 MODES = ('auto', 'xla', 'pallas')
@@ -80,26 +83,26 @@ def registered() -> tuple[tuple[str, str], ...]:
 
 
 def validate(spec: Any, field: str = 'model.moe.kernels') -> None:
-  """Raises ValueError with one line naming `field` for a bad spec."""
+  """Raises ConfigError with one line naming `field` for a bad spec."""
   _parse(spec, field)
 
 
 def _parse(spec: Any, field: str) -> tuple[str, tuple[str, ...] | None]:
   """-> (mode, listed parts or None)."""
   if not isinstance(spec, str):
-    raise ValueError(f'{field}={spec!r} must be a string: one of {MODES} or '
-                     "'pallas:PART,...'")
+    raise ConfigError(f'{field}={spec!r} must be a string: one of {MODES} or '
+                      "'pallas:PART,...'")
   mode, sep, rest = spec.partition(':')
   if mode not in MODES or (sep and mode != 'pallas'):
-    raise ValueError(f'{field}={spec!r} is not one of {MODES} or '
-                     f"'pallas:PART,...' with PART in {PARTS}")
+    raise ConfigError(f'{field}={spec!r} is not one of {MODES} or '
+                      f"'pallas:PART,...' with PART in {PARTS}")
   if not sep:
     return mode, None
   listed = tuple(p.strip() for p in rest.split(','))
   bad = [p for p in listed if p not in PARTS]
   if bad or not listed:
-    raise ValueError(f'{field}={spec!r} names unknown kernel part '
-                     f'{(bad or [""])[0]!r}; parts: {", ".join(PARTS)}')
+    raise ConfigError(f'{field}={spec!r} names unknown kernel part '
+                      f'{(bad or [""])[0]!r}; parts: {", ".join(PARTS)}')
   return mode, listed
 
 
@@ -140,13 +143,15 @@ def uses_kernel(spec: str, part: str, operation: str) -> bool:
 
 
 # Registrations: one line per kernel.
-register('routing', 'token_choice', 'pallas_kernels.routing:token_choice')
+register('routing', 'token_choice_from_logits',
+         'vmoe.kernels.routing:token_choice_from_logits')
 register('routing', 'token_choice_from_gates',
-         'pallas_kernels.routing:token_choice_from_gates')
-register('routing', 'expert_choice', 'pallas_kernels.routing:expert_choice')
+         'vmoe.kernels.routing:token_choice_from_gates')
+register('routing', 'expert_choice_from_logits',
+         'vmoe.kernels.routing:expert_choice_from_logits')
 register('routing', 'expert_choice_from_gates',
-         'pallas_kernels.routing:expert_choice_from_gates')
-register('dispatch', 'TokenChoiceRouting', 'pallas_kernels.dispatch')
-register('dispatch', 'ExpertChoiceRouting', 'pallas_kernels.dispatch')
-register('gmm', 'ragged_dot', 'pallas_kernels.gmm:gmm')
-register('soft', 'SoftRouting', 'pallas_kernels.soft_moe')
+         'vmoe.kernels.routing:expert_choice_from_gates')
+register('dispatch', 'TokenChoiceRouting', 'vmoe.kernels.dispatch')
+register('dispatch', 'ExpertChoiceRouting', 'vmoe.kernels.dispatch')
+register('gmm', 'ragged_dot', 'vmoe.kernels.gmm:gmm')
+register('soft', 'SoftRouting', 'vmoe.kernels.soft_moe')

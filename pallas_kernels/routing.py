@@ -60,7 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import compat
+from vmoe.kernels import compat
 from vmoe.nn import routing as rt
 
 Array = jax.Array
@@ -346,12 +346,13 @@ def _token_choice_routing(scores, combine, *, softmax, num_selected, capacity,
       num_experts=int(scores.shape[-1]))
 
 
-def token_choice(logits: Array, *, num_selected: int, capacity: int,
-                 batch_priority: bool = False, renormalize: bool = False,
-                 backend: str | None = None,
-                 interpret: Any = None) -> rt.TokenChoiceRouting:
-  """`vmoe.nn.routing.token_choice` as one kernel: logits [g, s, e] -> the
-  [g, s, k] decision (softmax gates, top-k, BPR, positions, drops).
+def token_choice_from_logits(
+    logits: Array, *, num_selected: int, capacity: int,
+    batch_priority: bool = False, renormalize: bool = False,
+    backend: str | None = None,
+    interpret: Any = None) -> rt.TokenChoiceRouting:
+  """`vmoe.nn.routing.token_choice_from_logits` as one kernel: logits
+  [g, s, e] -> the [g, s, k] decision (softmax gates, top-k, BPR, positions, drops).
 
   backend: 'tpu' | 'triton' | None (the default device's); interpret: None =
   interpreted exactly on a CPU host.
@@ -503,11 +504,12 @@ def _expert_choice_routing(scores, combine, *, softmax, capacity, backend,
                                 num_tokens=s)
 
 
-def expert_choice(logits: Array, *, capacity: int,
-                  backend: str | None = None,
-                  interpret: Any = None) -> rt.ExpertChoiceRouting:
-  """`vmoe.nn.routing.expert_choice` as one kernel: logits [g, s, e] -> the
-  [g, e, c] decision (softmax gates, each expert's top-c tokens)."""
+def expert_choice_from_logits(
+    logits: Array, *, capacity: int, backend: str | None = None,
+    interpret: Any = None) -> rt.ExpertChoiceRouting:
+  """`vmoe.nn.routing.expert_choice_from_logits` as one kernel: logits
+  [g, s, e] -> the [g, e, c] decision (softmax gates, each expert's top-c
+  tokens)."""
   return _expert_choice_routing(logits, None, softmax=True, capacity=capacity,
                                 backend=backend, interpret=interpret)
 

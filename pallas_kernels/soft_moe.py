@@ -78,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import compat
+from vmoe.kernels import compat
 
 Array = jax.Array
 EPS = 1e-6  # as vmoe.nn.routing.l2_normalize

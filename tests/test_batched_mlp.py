@@ -1,18 +1,15 @@
 """The hand-written VJP of the batched MLP equals autodiff of its reference."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import fast_jit
 from vmoe.nn import batched_mlp
 from vmoe.nn import layers
 
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 
 def _inputs(e, t, d, h, dtype=jnp.float32, scale=1.0, seed=0):
@@ -74,7 +71,7 @@ def test_bfloat16_matches_reference():
 
 def test_gelu_derivative_matches_autodiff():
   x = jnp.linspace(-12.0, 12.0, 97)
-  value, derivative = batched_mlp.gelu_and_derivative(x)
+  value, derivative = batched_mlp.gelu_and_derivative(x, approximate=False)
   np.testing.assert_allclose(value, jax.nn.gelu(x, approximate=False),
                              rtol=1e-6, atol=1e-6)
   auto = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
@@ -113,21 +110,26 @@ def test_mlp_block_runs_the_batched_mlp():
 
 
 @pytest.mark.parametrize('dropout', [False, True])
-def test_tanh_gelu_matches_reference(dropout):
-  """The tanh GELU (vit_jax / big_vision / vmoe): values equal jax.nn.gelu's
-  bit for bit, the hand-written VJP equals autodiff."""
+def test_exact_gelu_matches_reference(dropout):
+  """The exact (erf) GELU: the hand-written VJP equals autodiff, and the
+  form differs from the default tanh one."""
   args, target = _inputs(3, 5, 6, 10, scale=3.0)
   keep = (layers.dropout_multiplier(0.3, jax.random.key(9), (3, 5, 10),
                                     jnp.float32) if dropout else None)
-  tanh_mlp = lambda *a: batched_mlp.mlp(*a, approximate=True)
-  tanh_ref = lambda *a: batched_mlp.mlp_reference(*a, approximate=True)
-  (_, y), grads = _value_and_grads(tanh_mlp, args, target, keep)
-  (_, y_ref), grads_ref = _value_and_grads(tanh_ref, args, target, keep)
+  exact_mlp = lambda *a: batched_mlp.mlp(*a, approximate=False)
+  exact_ref = lambda *a: batched_mlp.mlp_reference(*a, approximate=False)
+  (_, y), grads = _value_and_grads(exact_mlp, args, target, keep)
+  (_, y_ref), grads_ref = _value_and_grads(exact_ref, args, target, keep)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   for name, g, g_ref in zip(('x', 'w1', 'b1', 'w2', 'b2'), grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5, err_msg=name)
-  exact, _ = _value_and_grads(batched_mlp.mlp, args, target, keep)
-  assert not np.allclose(exact[1], y, rtol=1e-6, atol=1e-6)  # forms differ
+  tanh, _ = _value_and_grads(batched_mlp.mlp, args, target, keep)
+  assert not np.allclose(tanh[1], y, rtol=1e-6, atol=1e-6)  # forms differ
+
+
+def test_tanh_gelu_equals_jax_nn_gelu():
+  """The tanh GELU (vit_jax / big_vision / vmoe): values equal jax.nn.gelu's
+  bit for bit."""
   x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32)
   value, _ = batched_mlp.gelu_and_derivative(x, approximate=True)
   np.testing.assert_array_equal(value, jax.nn.gelu(x, approximate=True))

@@ -41,7 +41,7 @@ def test_timing_rows_of_the_accelerator_mode():
 
 
 def test_train_rows_run_a_config_with_each_mode():
-  models = {'V-MoE digits': ('configs.vmoe_b16_digits', {}, 10)}
+  models = {'V-MoE digits': ('vmoe_b16_digits', {}, 10)}
   rows, note = kernels.train_rows(batch=4, repeats=1, models=models,
                                   modes=('xla',), dtype='float32')
   assert note == '' and len(rows) == 1

@@ -1,7 +1,6 @@
 """Checkpoint import (big_vision / vit_jax npz, vmoe, ours), init_from,
 position-embedding resizing, freezing and sparse upcycling."""
 
-import importlib.util
 import os
 import shutil
 
@@ -13,8 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import common
-from tests.test_moe import fast_jit
+from vmoe.recipes import common
+from tests.helpers import fast_jit, load_config
 from vmoe import checkpoints
 from vmoe.checkpoints import big_vision
 from vmoe.checkpoints import freeze
@@ -22,16 +21,16 @@ from vmoe.checkpoints import init_from
 from vmoe.checkpoints import posemb
 from vmoe.checkpoints import vmoe_format
 from vmoe.checkpoints.source import CheckpointError
+from vmoe.config import ConfigError
 from vmoe.nn import moe
 from vmoe.nn import vit
-from vmoe.train import checkpoint as checkpoint_lib
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 TOK = os.path.join(DATA, 'big_vision_vit_tok.npz')  # vit_jax, 2 blocks
 GAP = os.path.join(DATA, 'big_vision_vit_gap.npz')  # big_vision, GAP
 VMOE = os.path.join(DATA, 'vmoe_vit_moe', 'ckpt')
 IMAGES = np.load(os.path.join(DATA, 'big_vision_vit_expected.npz'))['images']
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_config(**kw):
@@ -325,19 +324,18 @@ def test_init_from_new_head_and_new_resolution():
 
 
 def test_validate_config_one_line_errors(tmp_path):
-  class Bad(ValueError):
-    pass
+  Bad = ConfigError  # pylint: disable=invalid-name
 
   config = experiment_config(None, model_config())
-  init_from.validate_config(config, Bad)  # off
+  init_from.validate_config(config)  # off
   config.init_from.path = ''  # off, as --config.init_from.path=''
-  init_from.validate_config(config, Bad)
+  init_from.validate_config(config)
   assert not init_from.enabled(config)
   config.init_from.path = 'None'  # what --config.init_from.path=None gives
   with pytest.raises(Bad, match="init_from.path='' trains from scratch"):
-    init_from.validate_config(config, Bad)
+    init_from.validate_config(config)
   config.init_from.path = TOK
-  init_from.validate_config(config, Bad)
+  init_from.validate_config(config)
   for field, value, message in (
       ('path', str(tmp_path / 'x.npz'), 'does not exist'),
       ('format', 'vmoe', "which looks like format 'big_vision'"),
@@ -351,7 +349,7 @@ def test_validate_config_one_line_errors(tmp_path):
     bad.init_from = ml_collections.ConfigDict(
         dict(bad.init_from.to_dict(), **{field: value}))
     with pytest.raises(Bad, match=f'^config.init_from.{field}=') as info:
-      init_from.validate_config(bad, Bad)
+      init_from.validate_config(bad)
     assert message in str(info.value) and '\n' not in str(info.value)
 
 
@@ -467,7 +465,7 @@ def test_upcycle_noise_and_errors():
                                   'vmoe_s32_cifar10', 'vmoe_s32_pets'])
 def test_paper_finetune_configs_are_valid(name):
   from vmoe.train import config_validation  # pylint: disable=g-import-not-at-top
-  config = load_config(name)
+  config = load_config(f'finetune/{name}')
   assert config.preprocess.image_size == 384 and config.init_from.path
   with pytest.raises(config_validation.ConfigError, match='does not exist'):
     config_validation.validate_config(config)  # the checkpoint is not here
@@ -476,14 +474,6 @@ def test_paper_finetune_configs_are_valid(name):
 
 
 # -- the digits configs through the trainer ----------------------------------
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, 'configs', 'finetune', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def tiny(config, data_dir, source):
@@ -511,13 +501,14 @@ def vit_digits_workdir(tmp_path_factory):
   return str(workdir), pure(model)
 
 
+@pytest.mark.slow
 def test_digits_finetune_and_upcycle_configs_train(digits_data_dir,
                                                    vit_digits_workdir,
                                                    tmp_path):
   from vmoe.train import trainer  # pylint: disable=g-import-not-at-top
-  from vmoe.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vmoe import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   source, source_params = vit_digits_workdir
-  config = tiny(load_config('vit_digits_16px'), digits_data_dir, source)
+  config = tiny(load_config('finetune/vit_digits_16px'), digits_data_dir, source)
   config.init_from.freeze = '^blocks/0/'
   result = trainer.train_and_evaluate(config, str(tmp_path / 'ft'))
   assert result['step'] == 2
@@ -536,7 +527,7 @@ def test_digits_finetune_and_upcycle_configs_train(digits_data_dir,
   with pytest.raises(workdir_lib.ConfigChangedError,
                      match=r"config.init_from.freeze='\^blocks/1/'"):
     trainer.train_and_evaluate(config, str(tmp_path / 'ft'))
-  config = tiny(load_config('vmoe_digits_upcycle'), digits_data_dir, source)
+  config = tiny(load_config('finetune/vmoe_digits_upcycle'), digits_data_dir, source)
   result = trainer.train_and_evaluate(config, str(tmp_path / 'up'))
   assert result['step'] == 2 and result['accuracy'] >= 0
   final = trainer.final_params(str(tmp_path / 'up'))

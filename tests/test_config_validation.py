@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import common
+from vmoe.recipes import common
 from vmoe.train.config_validation import ConfigError, validate_config
 
 

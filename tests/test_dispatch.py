@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import fast_jit
 from vmoe.nn import dispatch as dp
 from vmoe.nn import routing as rt
 from vmoe.nn.moe import Experts
 
 G, S, D, H, E = 2, 6, 8, 16, 4
 
-# Quick XLA:CPU compilation for tiny test programs (compile time dominates).
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 
 def make_routing(kind, logits, x, phi=None, *, k=1, capacity=None,
@@ -27,11 +24,11 @@ def make_routing(kind, logits, x, phi=None, *, k=1, capacity=None,
   if kind == 'token_choice':
     c = capacity or rt.compute_capacity(s, e, capacity_factor=1.0,
                                         num_selected=k)
-    return rt.token_choice(logits, num_selected=k, capacity=c,
+    return rt.token_choice_from_logits(logits, num_selected=k, capacity=c,
                            batch_priority=bpr)
   if kind == 'expert_choice':
     c = capacity or rt.compute_capacity(s, e, capacity_factor=1.0)
-    return rt.expert_choice(logits, capacity=c)
+    return rt.expert_choice_from_logits(logits, capacity=c)
   return rt.soft_routing(x, phi, jnp.asarray(2.0))
 
 
@@ -128,8 +125,8 @@ def test_buffers_match_einsum(kind, kw):
 def test_token_choice_maps_are_inverse():
   x, w, _, _ = inputs(2)
   r = make_routing('token_choice', jnp.einsum('gsd,de->gse', x, w), x, k=2)
-  slot, pair = fast_jit(lambda r: (dp.token_choice_slot_of_pair(r),   # [g,s,k]
-                                   dp.token_choice_pair_of_slot(r)))(r)
+  slot, pair = fast_jit(lambda r: (rt.token_choice_slot_of_pair(r),   # [g,s,k]
+                                   rt.token_choice_pair_of_slot(r)))(r)
   slot, pair = np.asarray(slot), np.asarray(pair)           # pair: [g, e, c]
   n = r.num_experts * r.capacity
   for gi in range(G):
@@ -182,9 +179,9 @@ def test_indices_never_builds_gsec(kind):
 
   def f(method, x, logits):
     if kind == 'token_choice':
-      r = rt.token_choice(logits, num_selected=2, capacity=c)
+      r = rt.token_choice_from_logits(logits, num_selected=2, capacity=c)
     else:
-      r = rt.expert_choice(logits, capacity=c)
+      r = rt.expert_choice_from_logits(logits, capacity=c)
     y = dp.combine(r, dp.dispatch(r, x, method) * 2.0, method)
     return jnp.sum(y)
 

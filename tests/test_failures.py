@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from absl import flags
 
-from configs import common
-from tests.conftest import tiny_digits_config, tiny_digits_config_file
+from vmoe.recipes import common
+from tests.helpers import tiny_digits_config, tiny_digits_config_file
 from vmoe import config_flag
-from vmoe.train import checkpoint as checkpoint_lib
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.train import trainer
-from vmoe.train import workdir as workdir_lib
+from vmoe import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -317,7 +317,7 @@ def test_resume_refuses_changes_that_define_the_run(
     digits_data_dir, workdir, monkeypatch, overrides, message):
   _no_model(monkeypatch)
   _user_error(_config(digits_data_dir, **overrides), workdir, message,
-              'only vmoe.train.workdir.RESUME_CHANGEABLE may change')
+              'only vmoe.workdir.RESUME_CHANGEABLE may change')
 
 
 def test_config_comparison_rules():
@@ -483,6 +483,7 @@ def _main(config, workdir, *args, **popen):
       **popen)
 
 
+@pytest.mark.slow
 def test_main_on_a_finished_workdir_and_a_locked_one(digits_data_dir,
                                                      workdir, tmp_path):
   config = tiny_digits_config_file(
@@ -534,6 +535,7 @@ def test_main_interrupted_while_starting_writes_nothing(digits_data_dir,
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_two_processes_agree_when_the_workdir_is_locked(digits_data_dir,
                                                         workdir, tmp_path):
   """Only process 0 locks; the other learns that it failed and stops too."""

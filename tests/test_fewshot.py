@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 import pytest
 
-from tests.conftest import tiny_digits_config
+from tests.helpers import tiny_digits_config
 from vmoe.evaluate import fewshot
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'fewshot_big_vision.npz')
@@ -131,7 +131,7 @@ def test_validate_config_unknown_field():
 
 
 def test_defaults_match_base_config():
-  from configs import common
+  from vmoe.recipes import common
   assert (common.get_base_config().fewshot.to_dict()
           == fewshot.default_config().to_dict())
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_digits_config_file
+from tests.helpers import tiny_digits_config_file
 from vmoe.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,6 +31,7 @@ def _run(*args, timeout=300):
     ('--config.optimizer.name=adagradx', "config.optimizer.name='adagradx'"),
     ('--config.dataset.name=cifar10', "'cifar10'"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, override, message):
   workdir = tmp_path / 'work'
   (workdir / 'checkpoints' / '4').mkdir(parents=True)
@@ -57,10 +58,10 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, override, message):
 def test_missing_required_field(tmp_path):
   path = tmp_path / 'broken.py'
   path.write_text(textwrap.dedent('''\
-      from configs import vit_digits
+      from vmoe.recipes import common
 
       def get_config():
-        config = vit_digits.get_config()
+        config = common.digits_recipe(common.get_base_config())
         del config.optimizer['learning_rate']
         return config
       '''))
@@ -71,6 +72,7 @@ def test_missing_required_field(tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_gives_identical_parameters(digits_data_dir,
                                                       tmp_path):
   """Kill -9 at a random point (saves every step, so likely mid-save), then

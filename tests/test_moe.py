@@ -1,6 +1,5 @@
 """MoeLayer: configuration, equivalences and independent references."""
 
-import functools
 import math
 
 import jax
@@ -8,59 +7,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import scipy.special
 from flax import nnx
 
+from tests.helpers import (D, H, build, fast_jit, layer_fn, moe_config,
+                           moe_layer, np_expert, np_params, np_softmax)
 from vmoe.nn import moe
 from vmoe.nn.layers import MlpBlock
-
-# Tiny shapes, shared by most tests: parameter initialisers compile once per
-# shape, which dominates the run time of these tests.
-D, H = 8, 16
-
-
-# Quick XLA:CPU compilation for tiny test programs (compile time dominates).
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
-
-
-def build(make, seed=0):
-  """make(rngs) -> module, with the initialisers run as one compiled program."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
-  state = fast_jit(lambda: nnx.state(make(nnx.Rngs(seed))))()
-  return nnx.merge(graphdef, state)
-
-
-def moe_layer(seed=0, **kw):
-  dropout_rate = kw.pop('dropout_rate', 0.0)
-  dtype = kw.pop('dtype', None)
-  return build(lambda rngs: moe.MoeLayer(D, H, config=config(**kw),
-                                         dropout_rate=dropout_rate,
-                                         dtype=dtype, rngs=rngs), seed)
-
-
-def config(**kw):
-  """Default MoE config with overrides (built fresh, so any type is allowed)."""
-  return ml_collections.ConfigDict({**moe.default_moe_config().to_dict(),
-                                    **kw})
-
-
-def layer_fn(layer):
-  """Jitted (x, train, key) -> (y, metrics) for an MoeLayer."""
-  graphdef, state = nnx.split(layer)
-
-  @fast_jit
-  def f(state, x, key):
-    m = nnx.merge(graphdef, state)
-    return m(x, train=True, rngs=nnx.Rngs(gating=key, dropout=key))
-
-  @fast_jit
-  def f_eval(state, x):
-    return nnx.merge(graphdef, state)(x, train=False)
-
-  return (lambda x, key=jax.random.key(0): f(state, x, key),
-          lambda x: f_eval(state, x))
 
 
 # -- config -------------------------------------------------------------------
@@ -86,7 +38,7 @@ def test_default_config_is_valid():
 ])
 def test_validate_config_errors(kw, message):
   with pytest.raises(ValueError, match=message) as info:
-    moe.validate_moe_config(config(**kw))
+    moe.validate_moe_config(moe_config(**kw))
   assert '\n' not in str(info.value)
 
 
@@ -180,7 +132,7 @@ def test_train_noise_and_eval_determinism():
 def test_eval_capacity_factor_and_setter():
   class Two(nnx.Module):
     def __init__(self, rngs):
-      cfg = config(num_experts=4, group_size=8, k=1, capacity_factor=1.0,
+      cfg = moe_config(num_experts=4, group_size=8, k=1, capacity_factor=1.0,
                    eval_capacity_factor=2.0)
       self.a = moe.MoeLayer(D, H, config=cfg, rngs=rngs)
       self.b = moe.MoeLayer(D, H, config=cfg, rngs=rngs)
@@ -228,24 +180,6 @@ def test_soft_slots_from_capacity_factor():
 
 
 # -- independent reference implementations ------------------------------------
-
-
-def np_params(layer):
-  ex = layer.experts
-  return [np.asarray(p[...], np.float64) for p in
-          (ex.kernel1, ex.bias1, ex.kernel2, ex.bias2)]
-
-
-def np_expert(params, e, x):
-  k1, b1, k2, b2 = params
-  a = x @ k1[e] + b1[e]
-  return (0.5 * a * (1 + scipy.special.erf(a / math.sqrt(2)))) @ k2[e] + b2[e]
-
-
-def np_softmax(z, axis):
-  z = z - z.max(axis=axis, keepdims=True)
-  p = np.exp(z)
-  return p / p.sum(axis=axis, keepdims=True)
 
 
 def reference_token_choice(x, w, params, k, capacity, bpr, renormalize):

@@ -1,7 +1,6 @@
 """Every router x dispatch trains on digits from its config and logs routing
 metrics; evaluation at another capacity factor needs no retraining."""
 
-import importlib
 import json
 import math
 import os
@@ -11,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.helpers import load_config
 from vmoe.evaluate import capacity_sweep
 from vmoe.train import metrics_writer
 from vmoe.train import trainer
@@ -24,7 +24,7 @@ ROUTING_METRICS = ('auxiliary_loss', 'dropped_fraction', 'router_entropy',
 
 
 def _short(name, data_dir, **moe_overrides):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = load_config(name)
   config.dataset.data_dir = data_dir
   config.batch_size = 32
   config.eval_batch_size = 100
@@ -49,6 +49,7 @@ def _short(name, data_dir, **moe_overrides):
     ('soft_moe_b16_digits', 'indices'),
     ('soft_moe_b16_digits', 'einsum'),
 ])
+@pytest.mark.slow
 def test_router_and_dispatch_train_and_report_metrics(name, dispatch,
                                                       digits_data_dir,
                                                       tmp_path):
@@ -72,11 +73,12 @@ def test_router_and_dispatch_train_and_report_metrics(name, dispatch,
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_paper_digits_configs_build(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = load_config(name)
   from vmoe.train.config_validation import validate_config  # pylint: disable=g-import-not-at-top
   validate_config(config)
 
 
+@pytest.mark.slow
 def test_eval_at_another_capacity_without_retraining(digits_data_dir,
                                                      tmp_path):
   config = _short('vmoe_b16_digits', digits_data_dir)

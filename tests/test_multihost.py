@@ -6,6 +6,7 @@ with experts split over the 4 devices of each process and the batch over all
 batches, and the checkpoint they write restores in a single process.
 """
 
+import pytest
 import os
 import pathlib
 import socket
@@ -15,10 +16,13 @@ import sys
 import jax
 import numpy as np
 
-from tests.conftest import tiny_digits_config_file
-from vmoe.train import checkpoint as checkpoint_lib
+from tests.helpers import tiny_digits_config_file
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.train import metrics_writer
 from vmoe.train import trainer
+
+# End-to-end: trains models or runs main.py in subprocesses.
+pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 420
@@ -74,7 +78,7 @@ def test_two_processes_match_one_process(digits_data_dir, tmp_path):
 
   work1 = tmp_path / 'one'
   ref = subprocess.run(
-      [sys.executable, '-m', 'tests.multihost_reference', f'--config={config}',
+      [sys.executable, '-m', 'tests.workers.multihost_reference', f'--config={config}',
        f'--workdir={work1}', '--num_cpu_devices=8'],
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
   assert ref.returncode == 0, ref.stderr[-3000:]

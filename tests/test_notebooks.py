@@ -8,6 +8,7 @@ import nbformat
 import pandas as pd
 import pytest
 
+
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(__file__)),
                          'notebooks')
 

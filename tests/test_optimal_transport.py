@@ -1,7 +1,6 @@
 """Transport plans: Sinkhorn and k-sparse OT against independent float64
 references, google-research/vmoe fixtures, marginals, sparsity and gradients."""
 
-import itertools
 import pathlib
 
 import jax
@@ -9,74 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_moe import fast_jit
+from tests.helpers import (fast_jit, np_simplex, np_sinkhorn,
+                           np_sparse_plan, np_sparse_projection,
+                           np_sparse_projection_bruteforce)
 from vmoe.nn import optimal_transport as ot
 
 DATA = pathlib.Path(__file__).parent / 'data'
-
-
-def np_sinkhorn(logits, num_iters=20):
-  """Kernel-mode Sinkhorn in float64: u = 1; v = b / K^T u; u = a / K v."""
-  kernel = np.exp(np.asarray(logits, np.float64))
-  g, s, e = kernel.shape
-  u = np.ones((g, s))
-  for _ in range(num_iters):
-    v = (s / e) / np.einsum('gse,gs->ge', kernel, u)
-    u = 1.0 / np.einsum('gse,ge->gs', kernel, v)
-  return u[:, :, None] * kernel * v[:, None, :]
-
-
-def np_simplex(v):
-  """Euclidean projection of a vector onto the probability simplex."""
-  u = np.sort(v)[::-1]
-  css = np.cumsum(u)
-  rho = np.nonzero(u * np.arange(1, len(v) + 1) > css - 1)[0][-1]
-  return np.maximum(v - (css[rho] - 1) / (rho + 1), 0)
-
-
-def np_sparse_projection_bruteforce(x, c):
-  """argmin ||x - p|| over the simplex with <= c non-zeros, by enumerating
-  every support of size <= c (columns of x [s, e] independently)."""
-  s, e = x.shape
-  out = np.zeros_like(x, np.float64)
-  for j in range(e):
-    best, best_d = None, np.inf
-    for size in range(1, c + 1):
-      for support in itertools.combinations(range(s), size):
-        p = np.zeros(s)
-        p[list(support)] = np_simplex(x[list(support), j])
-        d = np.sum((x[:, j] - p) ** 2)
-        if d < best_d - 1e-12:
-          best, best_d = p, d
-    out[:, j] = best
-  return out
-
-
-def np_sparse_projection(x, c):
-  """Columns of x [s, e]: the c largest entries onto the simplex."""
-  out = np.zeros_like(x, np.float64)
-  for j in range(x.shape[1]):
-    top = np.argsort(-x[:, j], kind='stable')[:c]
-    out[top, j] = np_simplex(x[top, j])
-  return out
-
-
-def np_sparse_plan(scores, c, num_steps=20, lr=1e-2):
-  """Adam (b1 0.9, b2 0.999, eps 1e-8) on the k-sparse semi-dual, float64."""
-  scores = np.asarray(scores, np.float64)
-  plans = []
-  for x in scores:
-    s, e = x.shape
-    b = s / e
-    alpha, m, v = np.zeros(s), np.zeros(s), np.zeros(s)
-    for t in range(1, num_steps + 1):
-      grad = b * np_sparse_projection((alpha[:, None] + x) / b, c).sum(1) - 1
-      m = 0.9 * m + 0.1 * grad
-      v = 0.999 * v + 0.001 * grad ** 2
-      alpha = alpha - lr * (m / (1 - 0.9 ** t)) / (
-          np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-    plans.append(b * np_sparse_projection((alpha[:, None] + x) / b, c))
-  return np.stack(plans)
 
 
 def random_logits(shape, scale=1.5, seed=0):

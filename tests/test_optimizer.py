@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from vmoe.recipes import common
 from vmoe.train import optimizer
 
 

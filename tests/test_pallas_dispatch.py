@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import compat
-from pallas_kernels import dispatch as pd
+from tests.helpers import fast_jit
+from vmoe.kernels import compat
+from vmoe.kernels import dispatch as pd
 from vmoe.nn import dispatch as dp
 from vmoe.nn import routing as rt
 
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 D = 16
 
@@ -95,13 +93,13 @@ def _token_choice(seed, g=2, s=197, e=4, k=2, capacity=80, bias=None,
   logits = jax.random.normal(jax.random.key(seed), (g, s, e))
   if bias is not None:
     logits = logits + bias
-  return rt.token_choice(logits, num_selected=k, capacity=capacity,
+  return rt.token_choice_from_logits(logits, num_selected=k, capacity=capacity,
                          batch_priority=bpr)
 
 
 def _expert_choice(seed, g=2, s=197, e=4, capacity=50):
   logits = jax.random.normal(jax.random.key(seed), (g, s, e))
-  return rt.expert_choice(logits, capacity=capacity)
+  return rt.expert_choice_from_logits(logits, capacity=capacity)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])

@@ -1,4 +1,4 @@
-"""Grouped matmul kernels (pallas_kernels.gmm) against jax.lax.ragged_dot.
+"""Grouped matmul kernels (vmoe.kernels.gmm) against jax.lax.ragged_dot.
 
 Interpret mode on CPU (the TPU kernels under the TPU interpreter, once with
 race detection), and lowering for TPU and CUDA from CPU.
@@ -11,13 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import compat
-from pallas_kernels import gmm as G
+from tests.helpers import fast_jit
+from vmoe.kernels import compat
+from vmoe.kernels import gmm as G
 
 # Interpret-mode programs are small; XLA's optimisation passes are not needed.
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # Triton kernels run compiled on a GPU host (bench/gpu_check.sh), interpreted

@@ -1,6 +1,6 @@
 """`model.moe.kernels`: the MoE layer on Pallas kernels equals the XLA path.
 
-* selection and validation (`pallas_kernels.registry`);
+* selection and validation (`vmoe.kernels.registry`);
 * one ViT-MoE train step (digits configs, SGD) with kernels='pallas'
   (interpreted on CPU) against kernels='xla', for token choice with BPR,
   expert choice, Soft MoE with a z-loss and dropless token choice (grouped
@@ -8,13 +8,12 @@
   metrics and updated parameters agree;
 * the layer with its experts split over 2 simulated devices: the kernels run
   per device inside the expert-parallel shard_map, for token choice, expert
-  choice and Soft MoE (tests/pallas_ep_worker.py);
+  choice and Soft MoE (tests/workers/pallas_ep.py);
 * `main.py --config.model.moe.kernels=pallas` on configs/vmoe_b16_digits.py
   and configs/soft_moe_b16_digits.py logs the losses of the same run with
   kernels='xla'.
 """
 
-import importlib
 import json
 import os
 import pathlib
@@ -26,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import registry
+from tests.helpers import load_config
+from vmoe.kernels import registry
 from vmoe.nn import moe
 from vmoe.train import trainer
 
@@ -44,10 +44,11 @@ def test_spec_selects_parts():
   # 'auto' is XLA everywhere until a kernel is measured faster.
   for platform in ('cpu', 'gpu', 'tpu'):
     assert registry.pallas_parts('auto', platform) == frozenset()
-  assert registry.uses_kernel('pallas', 'routing', 'token_choice')
+  assert registry.uses_kernel('pallas', 'routing', 'token_choice_from_logits')
   assert not registry.uses_kernel('pallas:dispatch', 'routing',
-                                  'token_choice')
-  assert registry.lookup('xla', 'routing', 'token_choice', 'x') == 'x'
+                                  'token_choice_from_logits')
+  assert registry.lookup('xla', 'routing', 'token_choice_from_logits',
+                         'x') == 'x'
 
 
 @pytest.mark.parametrize('spec,message', [
@@ -66,23 +67,23 @@ def test_bad_spec_is_one_line(spec, message):
 
 def test_interpreted_kernels_with_an_expert_axis_are_refused_on_cpu():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vmoe import sharding  # pylint: disable=g-import-not-at-top
+  from vmoe.train import config_validation  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(dict(
       batch_size=8, eval_batch_size=8, mesh=dict(data=-1, expert=2),
       model=dict(moe=dict(num_experts=4, kernels='pallas'))))
   with pytest.raises(ValueError) as info:
-    sharding.validate_mesh_config(config, num_devices=2)
+    config_validation.validate_mesh(config, num_devices=2)
   assert ("config.model.moe.kernels='pallas' with config.mesh.expert=2 on CPU"
           in str(info.value))
   config.model.moe.kernels = 'xla'
-  sharding.validate_mesh_config(config, num_devices=2)
+  config_validation.validate_mesh(config, num_devices=2)
 
 
 # -- one train step ----------------------------------------------------------
 
 
 def _config(name, data_dir, kernels, **moe_overrides):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = load_config(name)
   config.dataset.data_dir = data_dir
   config.model.moe.update(dict(moe_overrides, kernels=kernels))
   # Plain SGD without warmup: the step moves every parameter by
@@ -168,8 +169,8 @@ def _assert_same_step(steps):
 ])
 def test_train_step_pallas_equals_xla(name, decision, overrides,
                                       digits_data_dir):
-  routing_op = {'TokenChoiceRouting': 'token_choice',
-                'ExpertChoiceRouting': 'expert_choice'}.get(decision)
+  routing_op = {'TokenChoiceRouting': 'token_choice_from_logits',
+                'ExpertChoiceRouting': 'expert_choice_from_logits'}.get(decision)
   routing = routing_op and registry.uses_kernel('pallas', 'routing',
                                                 routing_op)
   movement = registry.uses_kernel(
@@ -182,10 +183,12 @@ def test_train_step_pallas_equals_xla(name, decision, overrides,
     assert calls == [], calls
     pytest.skip(f'no Pallas kernel registered for {decision}: '
                 "kernels='pallas' runs the XLA program")
+  routing_kernel = {'TokenChoiceRouting': 'token_choice_routing',
+                    'ExpertChoiceRouting': 'expert_choice_routing'}.get(decision)
   if routing:
-    assert f'{routing_op}_routing' in calls, calls
+    assert routing_kernel in calls, calls
   if movement:  # some other kernel moved the tokens
-    assert set(calls) - {f'{routing_op}_routing'}, calls
+    assert set(calls) - {routing_kernel}, calls
   if decision == 'SoftRouting':
     for kernel in ('soft_dispatch', 'soft_combine', 'soft_token_stats',
                    'soft_slot_mass', 'soft_dispatch_dx', 'soft_dispatch_dphi',
@@ -198,7 +201,7 @@ def test_train_step_pallas_equals_xla(name, decision, overrides,
 
 def test_dropless_token_choice_step(digits_data_dir):
   """dispatch='dropless': the experts' grouped matmuls run as
-  `pallas_kernels.gmm` (forward, d lhs and d rhs kernels)."""
+  `vmoe.kernels.gmm` (forward, d lhs and d rhs kernels)."""
   steps = _steps('vmoe_b16_digits', digits_data_dir, dispatch='dropless')
   calls = steps['pallas'][0]
   # Per expert MLP (2 matmuls) of the 2 MoE blocks: forward and d lhs
@@ -211,11 +214,12 @@ def test_dropless_token_choice_step(digits_data_dir):
 # -- expert parallelism -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_expert_parallel_layer_pallas_equals_xla():
   """Kernels per device inside the expert-parallel shard_map (2 devices)."""
   env = dict(os.environ,
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  proc = subprocess.run([sys.executable, '-m', 'tests.pallas_ep_worker'],
+  proc = subprocess.run([sys.executable, '-m', 'tests.workers.pallas_ep'],
                         cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -236,6 +240,7 @@ def _train_records(workdir):
   return {r['step']: r for r in records if r['split'] == 'train'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,moe_blocks', [
     ('vmoe_b16_digits', (1, 3)), ('soft_moe_b16_digits', (2, 3))])
 def test_main_pallas_logs_the_losses_of_xla(name, moe_blocks, digits_data_dir,
@@ -256,7 +261,7 @@ def test_main_pallas_logs_the_losses_of_xla(name, moe_blocks, digits_data_dir,
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   # The same run with kernels='xla', in this process.
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = load_config(name)
   config.dataset.data_dir = digits_data_dir
   for flag in args[2:]:
     key, value = flag[len('--config.'):].split('=')

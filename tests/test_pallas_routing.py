@@ -16,14 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import compat
-from pallas_kernels import routing as pr
+from tests.helpers import fast_jit
+from vmoe.kernels import compat
+from vmoe.kernels import routing as pr
 from vmoe.nn import routing as rt
 
 # Interpreted kernels compile to large loops: compile them fast.
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 # Shapes: one image of 197 tokens per group (odd size), 8 experts.
 G, S, E = 2, 197, 8
@@ -53,11 +51,11 @@ def _token_choice_pair(backend, k, capacity, bpr, renormalize, from_gates):
     if from_gates:
       return impl.token_choice_from_gates(jax.nn.softmax(logits),
                                           combine_gates=combine, **kw)
-    return impl.token_choice(logits, **kw)
+    return impl.token_choice_from_logits(logits, **kw)
 
   bound = dict(backend=backend, interpret=_interpret(backend))
   kernel = types.SimpleNamespace(  # the kernel module with the backend bound
-      token_choice=functools.partial(pr.token_choice, **bound),
+      token_choice_from_logits=functools.partial(pr.token_choice_from_logits, **bound),
       token_choice_from_gates=functools.partial(pr.token_choice_from_gates,
                                                 **bound))
 
@@ -145,9 +143,9 @@ def test_token_choice_bfloat16_logits():
 @functools.lru_cache(maxsize=None)
 def _expert_choice_pair(backend, capacity, from_gates):
   kernel = functools.partial(
-      pr.expert_choice_from_gates if from_gates else pr.expert_choice,
+      pr.expert_choice_from_gates if from_gates else pr.expert_choice_from_logits,
       backend=backend, interpret=_interpret(backend))
-  reference = rt.expert_choice_from_gates if from_gates else rt.expert_choice
+  reference = rt.expert_choice_from_gates if from_gates else rt.expert_choice_from_logits
 
   def run(logits, ct, combine):
     out = []
@@ -198,7 +196,7 @@ def test_expert_choice_edge_capacities_and_combine_gates():
 
 def test_expert_choice_rejects_bad_capacity():
   with pytest.raises(ValueError, match='capacity=0'):
-    pr.expert_choice(_logits(0), capacity=0)
+    pr.expert_choice_from_logits(_logits(0), capacity=0)
 
 
 @pytest.mark.parametrize('backend', compat.BACKENDS)
@@ -207,13 +205,13 @@ def test_lowers_with_custom_call(backend):
   combine = jnp.ones_like(logits)
   kw = dict(backend=backend, interpret=False)
   calls = {
-      'token_choice': lambda l: pr.token_choice(
+      'token_choice': lambda l: pr.token_choice_from_logits(
           l, num_selected=2, capacity=50, batch_priority=True,
           renormalize=True, **kw).combine_weight,
       'token_choice_from_gates': lambda l: pr.token_choice_from_gates(
           l, num_selected=3, capacity=70, batch_priority=True,
           combine_gates=combine, **kw).position,
-      'expert_choice': lambda l: pr.expert_choice(
+      'expert_choice': lambda l: pr.expert_choice_from_logits(
           l, capacity=50, **kw).token_index,
       'expert_choice_from_gates': lambda l: pr.expert_choice_from_gates(
           l, capacity=50, combine_gates=combine, **kw).combine_weight,

@@ -1,4 +1,4 @@
-"""Fused Soft MoE dispatch / combine kernels (pallas_kernels.soft_moe).
+"""Fused Soft MoE dispatch / combine kernels (vmoe.kernels.soft_moe).
 
 Interpret mode on CPU against the plain-jnp references and the model's XLA
 path (vmoe.nn.routing.soft_routing + vmoe.nn.dispatch.soft_dispatch /
@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import compat
-from pallas_kernels import soft_moe as S
+from tests.helpers import fast_jit
+from vmoe.kernels import compat
+from vmoe.kernels import soft_moe as S
 from vmoe.nn import dispatch as dp
 from vmoe.nn import routing as rt
 
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 # Triton kernels run compiled on a GPU host (bench/gpu_check.sh), interpreted

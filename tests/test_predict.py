@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
+from vmoe.recipes import common
 from vmoe import checkpoints
 from vmoe import config_flag
 from vmoe import predict
@@ -20,7 +20,7 @@ from vmoe.data import digits
 from vmoe.nn import moe
 from vmoe.nn import routing as rt
 from vmoe.nn import vit
-from vmoe.train import checkpoint as checkpoint_lib
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +61,7 @@ def workdir(tmp_path_factory):
   return str(path), files, images[:3]
 
 
+@pytest.mark.slow
 def test_predict_cli_end_to_end(workdir):
   path, files, raw = workdir
   out = subprocess.run(

@@ -7,7 +7,6 @@ layer reproduces vmoe's outputs to 1e-6 and imported checkpoints give the
 reference logits to 1e-5.
 """
 
-import functools
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import fast_jit
 from vmoe import checkpoints
 from vmoe.nn import moe
 from vmoe.nn import routing as rt
@@ -91,9 +91,6 @@ def _layer(case, dispatch, bf16=None):
 
 
 # Tiny programs: compile fast rather than well (as tests/test_moe.py).
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 
 def _run(layer):

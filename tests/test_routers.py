@@ -2,7 +2,6 @@
 one class, shared experts, fine-grained experts, expert ablation, routing
 capture, capacity rounding and Soft MoE bfloat16 rounding."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.test_moe import D, H, build, config, fast_jit, layer_fn, moe_layer
-from tests.test_moe import np_softmax
+from tests.helpers import (D, H, build, fast_jit, layer_fn, moe_config,
+                           moe_layer, np_gelu, np_softmax)
 from vmoe import sharding
 from vmoe.nn import dispatch as dp
 from vmoe.nn import moe
@@ -22,15 +21,11 @@ from vmoe.nn import vit
 from vmoe.nn.routers import base
 
 
-def _np_gelu_tanh(a):
-  return 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))
-
-
 def _np_mlp_sum(experts, x):
   """sum_j MLP_j(x) with the tanh GELU, float64; experts: an `Experts`."""
   k1, b1, k2, b2 = (np.asarray(p[...], np.float64) for p in (
       experts.kernel1, experts.bias1, experts.kernel2, experts.bias2))
-  return sum(_np_gelu_tanh(x @ k1[j] + b1[j]) @ k2[j] + b2[j]
+  return sum(np_gelu(x @ k1[j] + b1[j]) @ k2[j] + b2[j]
              for j in range(k1.shape[0]))
 
 
@@ -54,12 +49,12 @@ def test_a_run_refuses_options_of_another_router():
   """A config setting another router's option away from its default would
   have it ignored: the run's validation names it; at its default it is
   fine, and the layer itself accepts it."""
-  cfg = config(router='expert_choice', k=4)
+  cfg = moe_config(router='expert_choice', k=4)
   with pytest.raises(ValueError) as info:
     moe.validate_moe_config(cfg, other_router_options=False)
   assert str(info.value) == (
       "model.moe.k=4 is not an option of router 'expert_choice'")
-  moe.validate_moe_config(config(router='expert_choice', k=2),
+  moe.validate_moe_config(moe_config(router='expert_choice', k=2),
                           other_router_options=False)
   moe.validate_moe_config(cfg)
 
@@ -88,7 +83,7 @@ class _ArgmaxRouter(base.GateRouter):
 def argmax_router():
   routers.register('test_argmax')(_ArgmaxRouter)
   yield 'test_argmax'
-  routers._REGISTRY.pop('test_argmax')  # pylint: disable=protected-access
+  routers.registry._REGISTRY.pop('test_argmax')  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('dispatch', ['indices', 'einsum', 'dropless'])
@@ -113,9 +108,9 @@ def test_shared_experts_add_their_mlps_to_every_token(router):
   kw = dict(router=router, num_experts=4, group_size=8, noise_std=0.0,
             num_slots=2)
   with_shared = build(lambda rngs: moe.MoeLayer(
-      D, H, config=config(**kw, num_shared_experts=2, shared_hidden_dim=12),
+      D, H, config=moe_config(**kw, num_shared_experts=2, shared_hidden_dim=12),
       gelu='tanh', rngs=rngs))
-  plain = build(lambda rngs: moe.MoeLayer(D, H, config=config(**kw),
+  plain = build(lambda rngs: moe.MoeLayer(D, H, config=moe_config(**kw),
                                           gelu='tanh', rngs=rngs))
   shared = with_shared.shared_experts
   assert shared.kernel1.shape == (2, D, 12)

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.test_moe import D, config, fast_jit, moe_layer, np_expert, np_params
-from tests.test_moe import np_softmax
-from tests.test_optimal_transport import np_sinkhorn, np_sparse_plan
+from tests.helpers import (D, fast_jit, moe_config, moe_layer, np_expert,
+                           np_params, np_sinkhorn, np_softmax, np_sparse_plan)
 from vmoe.nn import moe
 from vmoe.nn import optimal_transport as ot
 from vmoe.nn import routing as rt
@@ -84,7 +83,7 @@ def jnp_reference(router, params, x, mask, combine):
     weight = ot.sinkhorn(logits)  # its own gradient: test_optimal_transport
   else:  # the sparse plan has no gradient: only the softmax carries one
     weight = jax.nn.softmax(logits, axis=-1)
-  h = jax.nn.gelu(jnp.einsum('gsd,edh->gseh', x, k1) + b1, approximate=False)
+  h = jax.nn.gelu(jnp.einsum('gsd,edh->gseh', x, k1) + b1)  # tanh form
   out = jnp.einsum('gseh,ehd->gsed', h, k2) + b2
   return jnp.einsum('gse,gsed->gsd', mask * weight, out)
 
@@ -319,12 +318,13 @@ def test_sparsity_constrained_noise_when_asked():
 ])
 def test_bad_options_fail_with_one_line(kw, message):
   with pytest.raises(ValueError, match=message):
-    moe.validate_moe_config(config(**kw))
+    moe.validate_moe_config(moe_config(**kw))
 
 
 # -- expert parallelism and training ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_expert_parallel_equals_one_device():
   """8 simulated devices (subprocess): every router on a 2x4 (data x
   expert) mesh with 'indices' and 'einsum' dispatch, Sinkhorn token choice
@@ -332,7 +332,7 @@ def test_expert_parallel_equals_one_device():
   device."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  proc = subprocess.run([sys.executable, '-m', 'tests.routers_ot_worker'],
+  proc = subprocess.run([sys.executable, '-m', 'tests.workers.routers_ot'],
                         cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -354,6 +354,7 @@ def test_expert_parallel_equals_one_device():
 # The token-choice and expert-choice decisions (with the Adam loop of the
 # sparse plan inside the train step); all three train for 800 steps from
 # their configs in the README's table.
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['sinkhorn_tc_k2_digits',
                                   'sparse_ec_cf2_digits'])
 def test_digits_config_trains_and_logs_routing_metrics(name, digits_data_dir,
@@ -361,7 +362,7 @@ def test_digits_config_trains_and_logs_routing_metrics(name, digits_data_dir,
   from tests.test_moe_training import ROUTING_METRICS, _short  # pylint: disable=g-import-not-at-top
   from vmoe.train import metrics_writer  # pylint: disable=g-import-not-at-top
   from vmoe.train import trainer  # pylint: disable=g-import-not-at-top
-  config = _short(f'routers.{name}', digits_data_dir)
+  config = _short(f'routers/{name}', digits_data_dir)
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert math.isfinite(result['loss'])
   train = [r for r in metrics_writer.read_metrics(str(tmp_path))

@@ -1,6 +1,5 @@
 """Hand-computed cases for the routing decisions and auxiliary losses."""
 
-import functools
 import math
 
 import jax
@@ -8,18 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import fast_jit
 from vmoe.nn import routing as rt
 
 
-# Quick XLA:CPU compilation for tiny test programs (compile time dominates).
-fast_jit = functools.partial(jax.jit, compiler_options={
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True})
 
 
-token_choice = fast_jit(rt.token_choice, static_argnames=(
+token_choice = fast_jit(rt.token_choice_from_logits, static_argnames=(
     'num_selected', 'capacity', 'batch_priority', 'renormalize'))
-expert_choice = fast_jit(rt.expert_choice, static_argnames='capacity')
+expert_choice = fast_jit(rt.expert_choice_from_logits,
+                         static_argnames='capacity')
 
 
 def two_expert_logits(p0):
@@ -116,7 +113,7 @@ def test_token_choice_renormalize():
 
 def test_token_choice_groups_are_independent():
   logits = jax.random.normal(jax.random.key(0), (3, 6, 4))
-  route = fast_jit(lambda l: rt.token_choice(l, num_selected=2, capacity=2,
+  route = fast_jit(lambda l: rt.token_choice_from_logits(l, num_selected=2, capacity=2,
                                             batch_priority=True))
   r = route(logits)
   for i in range(3):
@@ -174,7 +171,7 @@ def test_expert_choice_token_can_be_skipped_or_shared():
 
 def test_expert_choice_capacity_validated():
   with pytest.raises(ValueError, match='capacity'):
-    rt.expert_choice(jnp.zeros((1, 4, 2)), capacity=5)
+    rt.expert_choice_from_logits(jnp.zeros((1, 4, 2)), capacity=5)
 
 
 # -- soft MoE -----------------------------------------------------------------
@@ -269,9 +266,9 @@ def test_token_choice_sorted_positions_match_one_hot(monkeypatch, bpr):
   logits = jax.random.normal(jax.random.key(0), (2, 40, 9))
   kw = dict(num_selected=2, capacity=5, batch_priority=bpr)
   monkeypatch.setattr(rt, 'SORT_POSITIONS_MIN_EXPERTS', 1000)
-  want = rt.token_choice(logits, **kw)
+  want = rt.token_choice_from_logits(logits, **kw)
   monkeypatch.setattr(rt, 'SORT_POSITIONS_MIN_EXPERTS', 1)
-  got = rt.token_choice(logits, **kw)
+  got = rt.token_choice_from_logits(logits, **kw)
   for field in ('position', 'valid', 'combine_weight', 'expert_index'):
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
 
@@ -295,7 +292,7 @@ def test_losses_reuse_the_ranking_of_the_decision():
   """load and balance losses with the decision's ranking equal the search."""
   logits = jax.random.normal(jax.random.key(0), (3, 10, 6))
   noisy = rt.add_gating_noise(logits, 0.5, jax.random.key(1))
-  r = rt.token_choice(noisy, num_selected=2, capacity=4)
+  r = rt.token_choice_from_logits(noisy, num_selected=2, capacity=4)
   gates = jax.nn.softmax(noisy, axis=-1)
 
   def load(logits, noisy, selected):

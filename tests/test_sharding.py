@@ -1,7 +1,7 @@
 """Meshes, partitioning rules, expert parallelism and resharding restore.
 
 Multi-device checks run in subprocesses with 8 simulated CPU devices (the
-pytest process itself has one device): `tests/sharding_worker.py`.
+pytest process itself has one device): `tests/workers/sharding.py`.
 """
 
 import json
@@ -15,9 +15,10 @@ import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common
-from tests.conftest import tiny_digits_config
+from vmoe.recipes import common
+from tests.helpers import tiny_digits_config
 from vmoe import sharding
+from vmoe.train import config_validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EIGHT = '--xla_force_host_platform_device_count=8'
@@ -25,7 +26,7 @@ EIGHT = '--xla_force_host_platform_device_count=8'
 
 def _worker(data_dir, router, meshes, ckpt_dir=None, timeout=600):
   env = dict(os.environ, XLA_FLAGS=EIGHT, TF_CPP_MIN_LOG_LEVEL='3')
-  args = [sys.executable, '-m', 'tests.sharding_worker', data_dir, router,
+  args = [sys.executable, '-m', 'tests.workers.sharding', data_dir, router,
           meshes] + ([str(ckpt_dir)] if ckpt_dir else [])
   proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
@@ -47,6 +48,7 @@ def _assert_same_step(result, meshes):
     assert row['expert_weight_all_gathers'] == 0, (name, row)
 
 
+@pytest.mark.slow
 def test_vmoe_bpr_sharded_step_and_resharding_restore(digits_data_dir,
                                                       tmp_path):
   """Token choice + BPR: one step on (8,1), (2,4), (1,8) equals one device;
@@ -63,12 +65,14 @@ def test_vmoe_bpr_sharded_step_and_resharding_restore(digits_data_dir,
     assert row['compilations'] == 1, (name, row)  # no recompilation
 
 
+@pytest.mark.slow
 def test_soft_moe_sharded_step(digits_data_dir):
   meshes = ('8x1', '2x4', '1x8')
   _assert_same_step(_worker(digits_data_dir, 'soft', ','.join(meshes)),
                     meshes)
 
 
+@pytest.mark.slow
 def test_expert_choice_einsum_sharded_step(digits_data_dir):
   _assert_same_step(_worker(digits_data_dir, 'expert_choice', '2x4'),
                     ('2x4',))
@@ -170,7 +174,7 @@ def test_bad_mesh_fails_before_work(overrides, message):
       node = node[p]
     node[name] = value
   with pytest.raises(ValueError, match=None) as e:
-    sharding.validate_mesh_config(config, num_devices=8)
+    config_validation.validate_mesh(config, num_devices=8)
   assert message in str(e.value) and '\n' not in str(e.value)
 
 
@@ -183,6 +187,7 @@ def test_bad_mesh_fails_before_work(overrides, message):
      'config.model.moe.group_size=32 does not divide the 272 tokens per '
      'device of config.batch_size=128'),
 ])
+@pytest.mark.slow
 def test_bad_mesh_from_command_line(tmp_path, flags, message):
   env = dict(os.environ, XLA_FLAGS=EIGHT, TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.run(

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from configs import common
-from tests.conftest import tiny_digits_config
+from vmoe.recipes import common
+from tests.helpers import tiny_digits_config
 from vmoe.nn import vit
 from vmoe.train import steps
 

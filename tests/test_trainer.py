@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_digits_config
-from vmoe.train import checkpoint as checkpoint_lib
+from tests.helpers import tiny_digits_config
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.train import metrics_writer
 from vmoe.train import trainer
 
@@ -22,6 +22,7 @@ def _deterministic(records):
           for r in records]
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_writes_outputs(digits_data_dir, tmp_path):
   config = tiny_digits_config(digits_data_dir, num_train_steps=60,
                               batch_size=64, log_every_steps=20,
@@ -42,6 +43,7 @@ def test_training_reduces_loss_and_writes_outputs(digits_data_dir, tmp_path):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(digits_data_dir, tmp_path):
   config = tiny_digits_config(digits_data_dir, **{'model.dropout': 0.1})
   trainer.train_and_evaluate(config, str(tmp_path / 'a'))
@@ -73,6 +75,7 @@ def _preempt_at(monkeypatch, stop_at):
   monkeypatch.setattr(trainer.Experiment, '__init__', init)
 
 
+@pytest.mark.slow
 def test_preemption_saves_and_resume_is_exact(digits_data_dir, tmp_path,
                                               monkeypatch):
   """SIGTERM after step 7 (no periodic checkpoint there), then rerun."""

@@ -238,7 +238,7 @@ def main(argv, f: types.SimpleNamespace):
   from vmoe import checkpoints  # pylint: disable=g-import-not-at-top
   from vmoe.checkpoints import ours  # pylint: disable=g-import-not-at-top
   from vmoe.train import config_validation  # pylint: disable=g-import-not-at-top
-  from vmoe.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vmoe import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     config = config_flag.config_value(f.config)
     if f.workdir.value:

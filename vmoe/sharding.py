@@ -25,7 +25,7 @@ axes, in the style of flax's logical partitioning:
   partitioning.fsdp_regex: regex on the '/'-joined parameter path (default
     '.*').
 
-Everything in here runs before the first step; errors are ValueErrors with one
+Everything in here runs before the first step; errors are ConfigErrors with one
 line naming the config field.
 """
 
@@ -42,6 +42,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vmoe.config import ConfigError, is_int
+
 MESH_AXES = ('data', 'expert')
 # Mesh axes the batch (and MoE groups) is split over, outermost first.
 BATCH_AXES = MESH_AXES
@@ -56,30 +58,31 @@ DEFAULT_OVERRIDES = ((r'(^|/)router/', ()),)
 
 def mesh_shape(config: ml_collections.ConfigDict,
                num_devices: int) -> dict[str, int]:
-  """Resolves -1 in `config.mesh`; raises ValueError naming the bad field."""
+  """Resolves -1 in `config.mesh`; raises ConfigError naming the bad field."""
   sizes = {}
   for name in config.mesh:
     if name not in MESH_AXES:
-      raise ValueError(f'config.mesh.{name} is not a mesh axis; use {MESH_AXES}')
+      raise ConfigError(f'config.mesh.{name} is not a mesh axis; use '
+                        f'{MESH_AXES}')
   for name in MESH_AXES:
     size = config.mesh.get(name, 1)
-    if not isinstance(size, int) or isinstance(size, bool) or (
-        size < 1 and size != -1):
-      raise ValueError(f'config.mesh.{name}={size!r} must be a positive '
-                       'integer or -1 (all remaining devices)')
+    if not is_int(size) or (size < 1 and size != -1):
+      raise ConfigError(f'config.mesh.{name}={size!r} must be a positive '
+                        'integer or -1 (all remaining devices)')
     sizes[name] = size
   free = [n for n, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f'config.mesh has -1 for several axes {free}; at most one')
+    raise ConfigError(f'config.mesh has -1 for several axes {free}; at '
+                      'most one')
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f'config.mesh={dict(config.mesh)} fixed axes (product '
-                       f'{fixed}) do not divide the {num_devices} devices')
+      raise ConfigError(f'config.mesh={dict(config.mesh)} fixed axes (product '
+                        f'{fixed}) do not divide the {num_devices} devices')
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f'config.mesh={dict(config.mesh)} has {fixed} devices but '
-                     f'{num_devices} are available')
+    raise ConfigError(f'config.mesh={dict(config.mesh)} has {fixed} devices '
+                      f'but {num_devices} are available')
   return sizes
 
 
@@ -94,12 +97,12 @@ def partitioning_rules(config: ml_collections.ConfigDict
   for rule in rules:
     if (not isinstance(rule, (tuple, list)) or len(rule) != 2
         or not isinstance(rule[0], str)):
-      raise ValueError(f'config.partitioning.rules entry {rule!r} must be a '
-                       '(logical_name, mesh_axis or None) pair')
+      raise ConfigError(f'config.partitioning.rules entry {rule!r} must be a '
+                        '(logical_name, mesh_axis or None) pair')
     name, axis = rule
     if axis is not None and axis not in MESH_AXES:
-      raise ValueError(f'config.partitioning.rules maps {name!r} to {axis!r}, '
-                       f'not a mesh axis of {MESH_AXES} (or None)')
+      raise ConfigError(f'config.partitioning.rules maps {name!r} to {axis!r}, '
+                        f'not a mesh axis of {MESH_AXES} (or None)')
     out[name] = axis
   return out
 
@@ -120,101 +123,33 @@ def partitioning_overrides(config: ml_collections.ConfigDict
       ok = isinstance(regex, str) and all(
           a is None or a in MESH_AXES for a in spec)
     if not ok:
-      raise ValueError(f'config.partitioning.overrides entry {entry!r} must be '
-                       f'(path_regex, spec) with spec a tuple of {MESH_AXES} '
-                       'or None')
+      raise ConfigError(f'config.partitioning.overrides entry {entry!r} must '
+                        f'be (path_regex, spec) with spec a tuple of {MESH_AXES} '
+                        'or None')
     _check_regex(regex, 'config.partitioning.overrides regex ')
     out.append((regex, spec))
   return tuple(out)
 
 
 def _check_regex(regex: str, field: str) -> None:
-  """Raises a one-line ValueError naming the field (`field` is its prefix in
+  """Raises a one-line ConfigError naming the field (`field` is its prefix in
   the message, e.g. 'config.partitioning.fsdp_regex=') if `regex` does not
   compile."""
   try:
     re.compile(regex)
   except re.error as e:
-    raise ValueError(f'{field}{regex!r} is not a valid regex ({e})') from None
+    raise ConfigError(f'{field}{regex!r} is not a valid regex ({e})') from None
 
 
-def _fsdp_options(config) -> tuple[int, str]:
+def fsdp_options(config) -> tuple[int, str]:
   part = config.get('partitioning') or {}
   min_size = part.get('fsdp_min_size', 0) or 0
   regex = part.get('fsdp_regex', '.*') or '.*'
-  if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
-    raise ValueError(f'config.partitioning.fsdp_min_size={min_size!r} must be '
-                     'an integer >= 0 (0 = off)')
+  if not is_int(min_size) or min_size < 0:
+    raise ConfigError(f'config.partitioning.fsdp_min_size={min_size!r} must be '
+                      'an integer >= 0 (0 = off)')
   _check_regex(regex, 'config.partitioning.fsdp_regex=')
   return min_size, regex
-
-
-def validate_mesh_config(config: ml_collections.ConfigDict,
-                         num_devices: int | None = None,
-                         tokens_per_image: int | None = None) -> None:
-  """Checks mesh, rules, batch and expert divisibility before any work.
-
-  tokens_per_image: tokens entering the encoder per image (patches + class
-  token, `vmoe.nn.vit.num_tokens`), to check that `model.moe.group_size`
-  divides the tokens on each device; the check is skipped when None.
-
-  Raises ValueError with one line naming the config field and its value.
-  """
-  num_devices = num_devices or jax.device_count()
-  num_processes = jax.process_count()
-  sizes = mesh_shape(config, num_devices)
-  rules = partitioning_rules(config)
-  partitioning_overrides(config)
-  _fsdp_options(config)
-  value = config.batch_size
-  if value % num_devices or value % num_processes:
-    raise ValueError(f'config.batch_size={value} is not divisible by the '
-                     f'{num_devices} devices of mesh {sizes} '
-                     f'({num_processes} processes)')
-  # Eval batches are padded (mask 0) to a multiple of the devices.
-  if config.eval_batch_size % num_processes:
-    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not '
-                     f'divisible by the {num_processes} processes')
-  moe = config.get('model', {}).get('moe')
-  if moe is None:
-    return
-  expert_axis = rules.get('expert')
-  num_experts = moe.get('num_experts', 8)
-  if expert_axis is not None and num_experts % sizes[expert_axis]:
-    raise ValueError(f'config.model.moe.num_experts={num_experts} is not a '
-                     f'multiple of config.mesh.{expert_axis}='
-                     f'{sizes[expert_axis]}')
-  from vmoe.nn import routers  # pylint: disable=g-import-not-at-top
-  from vmoe.nn import routing  # pylint: disable=g-import-not-at-top
-  decision = routers.get(moe.get('router', 'token_choice')).DECISION
-  # Dropless dispatch has no expert-parallel path; Soft MoE never drops.
-  if (sizes['expert'] > 1 and moe.get('dispatch', 'indices') == 'dropless'
-      and decision is not routing.SoftRouting):
-    raise ValueError("config.model.moe.dispatch='dropless' does not support "
-                     f"config.mesh.expert={sizes['expert']}; use 'indices' "
-                     "or 'einsum'")
-  if sizes['expert'] > 1 and jax.default_backend() == 'cpu':
-    from pallas_kernels import registry  # pylint: disable=g-import-not-at-top
-    kernels = moe.get('kernels', 'auto')
-    if registry.pallas_parts(kernels, 'cpu'):
-      # The layer itself is right there (tests/pallas_ep_worker.py), but a
-      # training loop stalls: in jax 0.10.2 the interpreter's callbacks then
-      # wait on an operand that never becomes ready (second train step).
-      raise ValueError(
-          f'config.model.moe.kernels={kernels!r} with config.mesh.expert='
-          f"{sizes['expert']} on CPU devices: interpreted Pallas kernels in "
-          "the expert-parallel train step hang in jax's TPU interpreter; "
-          "use kernels='xla' on CPU")
-  group_size = moe.get('group_size')
-  if group_size and tokens_per_image:
-    tokens = tokens_per_image
-    for name in ('batch_size', 'eval_batch_size'):
-      local = -(-config[name] // num_devices) * tokens
-      if local % group_size:
-        raise ValueError(
-            f'config.model.moe.group_size={group_size} does not divide the '
-            f'{local} tokens per device of config.{name}={config[name]} '
-            f'({tokens} tokens per image, {num_devices} devices)')
 
 
 def create_mesh(config: ml_collections.ConfigDict,
@@ -329,7 +264,7 @@ def param_specs(abstract_model, config: ml_collections.ConfigDict,
   from flax import nnx  # pylint: disable=g-import-not-at-top
   rules = partitioning_rules(config)
   overrides = partitioning_overrides(config)
-  min_size, regex = _fsdp_options(config)
+  min_size, regex = fsdp_options(config)
   state = nnx.state(abstract_model, nnx.Param)
   flat = {}
   for path, var in nnx.to_flat_state(state):

@@ -23,8 +23,8 @@ peak. Expected test accuracy: about 94%, as published for ViT-B/16 pre-trained
 on ImageNet-21k (not measured here: no accelerator).
 """
 
-from configs import common
-from configs.finetune import recipe
+from vmoe.recipes import common
+from vmoe.recipes import finetune as recipe
 
 CHECKPOINT = ('~/checkpoints/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-'
               'do_0.0-sd_0.0.npz')

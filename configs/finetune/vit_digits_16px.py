@@ -18,7 +18,7 @@ digits recipe.
 against the same 200 steps from scratch.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 SOURCE = '/tmp/vit_digits'  # workdir of configs/vit_digits.py
 

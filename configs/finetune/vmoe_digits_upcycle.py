@@ -17,7 +17,7 @@ about 1.5 minutes on 2 CPU cores; test accuracy in the README's fine-tuning
 table, against the same V-MoE trained 200 steps from scratch.
 """
 
-from configs import common
+from vmoe.recipes import common
 
 SOURCE = '/tmp/vit_digits'  # workdir of configs/vit_digits.py
 

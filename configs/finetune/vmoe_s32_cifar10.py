@@ -28,8 +28,8 @@ i.e. 1.6e17 FLOPs for the 5.1M training images of the run, minutes of compute
 on 8 A100s. Expected test accuracy: not measured here (no accelerator).
 """
 
-from configs import common
-from configs.finetune import recipe
+from vmoe.recipes import common
+from vmoe.recipes import finetune as recipe
 
 CHECKPOINT = '~/checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1'
 

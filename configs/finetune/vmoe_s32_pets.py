@@ -28,8 +28,8 @@ i.e. 8e15 FLOPs for the 256k training images of the run, seconds of compute on
 8 A100s. Expected test accuracy: not measured here (no accelerator).
 """
 
-from configs import common
-from configs.finetune import recipe
+from vmoe.recipes import common
+from vmoe.recipes import finetune as recipe
 
 CHECKPOINT = '~/checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1'
 

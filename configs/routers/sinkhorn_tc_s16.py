@@ -19,7 +19,7 @@ Cost (`--config.dry_run=True`): 242M parameters (22.1M active per
 token), 9.9 GFLOPs per image.
 """
 
-from configs.routers import recipe
+from vmoe.recipes import routers as recipe
 
 
 def get_config():

@@ -21,7 +21,7 @@ Cost (`--config.dry_run=True`): 965M parameters (90.6M active per
 token), 37.9 GFLOPs per image.
 """
 
-from configs.routers import recipe
+from vmoe.recipes import routers as recipe
 
 
 def get_config():

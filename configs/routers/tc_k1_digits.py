@@ -13,7 +13,7 @@ Result (800 steps, one run): test accuracy 0.983, 160 s on 2
 shared CPU cores.
 """
 
-from configs.routers import recipe
+from vmoe.recipes import routers as recipe
 
 
 def get_config():

@@ -15,7 +15,7 @@ Result (800 steps, one run): test accuracy 0.973, 157 s on 2
 shared CPU cores.
 """
 
-from configs.routers import recipe
+from vmoe.recipes import routers as recipe
 
 
 def get_config():

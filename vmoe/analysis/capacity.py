@@ -2,10 +2,10 @@
 Priority Routing, from trained models (V-MoE, Riquelme et al. 2021, Sec. 4.1:
 BPR lets a model trained at capacity ~1 be evaluated far below it).
 
-Every point is the trainer's eval step (`vmoe.train.steps.make_eval_step`,
-the computation of `vmoe.evaluate.capacity_sweep`, which the tests compare
-against) with `eval_capacity_factor` and `batch_priority` of every MoE layer
-changed. Capacities are static shapes, so each (factor, priority) setting is
+Every point is the trainer's eval step (`vmoe.train.steps.make_eval_step`)
+with `eval_capacity_factor` and `batch_priority` of every MoE layer changed;
+`python -m vmoe.evaluate.capacity_sweep` is the command line of this
+function. Capacities are static shapes, so each (factor, priority) setting is
 compiled once and then evaluates every given model: the seeds of one config
 share the compilations.
 """

@@ -45,7 +45,7 @@ class Trained:
 
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote to `<workdir>/config.json`."""
-  from vmoe.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vmoe import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = workdir_lib.stored_config(workdir)
   if config is None:
     raise FileNotFoundError(f'{os.path.join(workdir, "config.json")} does not '
@@ -55,7 +55,7 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Steps of the checkpoints kept in `workdir`, ascending."""
-  from vmoe.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from vmoe.checkpoints import checkpointer as checkpoint_lib  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                      max_to_keep=1000, async_save=False)
   try:
@@ -78,10 +78,12 @@ def from_params(config: ml_collections.ConfigDict, params: dict[str, Any], *,
   return Trained(config=config, model=model, step=step, workdir=workdir)
 
 
-def load(workdir: str, step: int | None = None) -> Trained:
-  """The model of `workdir` at `step` (default: the latest checkpoint)."""
-  from vmoe.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  config = config_from_workdir(workdir)
+def load(workdir: str, step: int | None = None, *,
+         config: ml_collections.ConfigDict | None = None) -> Trained:
+  """The model of `workdir` at `step` (default: the latest checkpoint), with
+  `config` (default: the workdir's config.json)."""
+  from vmoe.checkpoints import checkpointer as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  config = config_from_workdir(workdir) if config is None else config
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                      max_to_keep=1000, async_save=False)
   try:

@@ -124,17 +124,19 @@ def fewshot_accuracy(trained: loading.Trained, *,
 def study_configs(directory: str = 'configs/routers',
                   suffix: str = '_digits') -> dict[str, ml_collections.ConfigDict]:
   """{name: config} of every `<directory>/<name><suffix>.py` (its
-  get_config()), sorted by name; `directory` is relative to the repository
-  root. New router configs appear here without any change to the callers."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
-  package = directory.strip('/').replace('/', '.')
+  get_config()), sorted by name; a relative `directory` is looked up in the
+  working directory, then in the source checkout this package belongs to.
+  New router configs appear here without any change to the callers."""
+  from vmoe import config_flag  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    directory = os.path.join(checkout, directory)
   out = {}
-  for file in sorted(os.listdir(os.path.join(root, directory))):
+  for file in sorted(os.listdir(directory)):
     if file.endswith(f'{suffix}.py'):
-      module = importlib.import_module(f'{package}.{file[:-3]}')
-      out[file[:-len(suffix) - 3]] = module.get_config()
+      out[file[:-len(suffix) - 3]] = config_flag.load_config_file(
+          os.path.join(directory, file))
   return dict(sorted(out.items()))
 
 

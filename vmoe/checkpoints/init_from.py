@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from vmoe import checkpoints
+from vmoe.config import ConfigError, checker, is_bool, is_name, is_number
 from vmoe.checkpoints import posemb
 from vmoe.checkpoints import upcycle as upcycle_lib
 from vmoe.checkpoints.source import CheckpointError, Source
@@ -70,9 +71,9 @@ def _regex_ok(value) -> bool:
     return False
 
 
-def validate_config(config, error: type[Exception] = ValueError,
-                    check_path: bool = True) -> None:
-  """One-line `error` for the first bad init_from field (before any work).
+def validate_config(config, check_path: bool = True) -> None:
+  """One-line `ConfigError` for the first bad init_from field (before any
+  work).
 
   check_path: check that `path` is a readable checkpoint of `format` (a
   resumed run never reads it)."""
@@ -82,26 +83,23 @@ def validate_config(config, error: type[Exception] = ValueError,
   known = set(default_config().keys())
   for key in init.keys():
     if key not in known:
-      raise error(f'config.init_from.{key} is not a known field (known: '
+      raise ConfigError(f'config.init_from.{key} is not a known field (known: '
                   f'{", ".join(sorted(known))})')
   c = {**default_config().to_dict(), **init.to_dict()}
 
-  def need(ok, field, what):
-    if not ok:
-      raise error(f'config.init_from.{field}={c[field]!r} {what}')
-
-  need(isinstance(c['path'], str) and c['path'], 'path',
+  need = checker('config.init_from', c)
+  need(is_name(c['path']), 'path',
        'must be a checkpoint path')
   need(c['format'] in checkpoints.FORMATS, 'format',
        f'is not one of {checkpoints.FORMATS}')
   need(c['head'] in HEADS, 'head', f'is not one of {HEADS}')
   for field in ('resize_posemb', 'upcycle'):
-    need(isinstance(c[field], bool), field, 'must be a bool')
+    need(is_bool(c[field]), field, 'must be a bool')
   for field in ('reinit', 'freeze'):
     need(_regex_ok(c[field]), field, 'must be None or a regular expression')
   noise = c['upcycle_noise']
-  need(isinstance(noise, (int, float)) and not isinstance(noise, bool)
-       and noise >= 0, 'upcycle_noise', 'must be a number >= 0')
+  need(is_number(noise) and noise >= 0, 'upcycle_noise',
+       'must be a number >= 0')
   need(not c['upcycle'] or config.model.get('moe') is not None, 'upcycle',
        'needs an MoE model (config.model.moe)')
   if config.get('dry_run') or not check_path:
@@ -111,7 +109,8 @@ def validate_config(config, error: type[Exception] = ValueError,
   except CheckpointError as e:
     hint = ("; --config.init_from.path='' trains from scratch"
             if c['path'] in ('None', 'none') else '')
-    raise error(f'config.init_from.path={c["path"]!r}: {e}{hint}') from None
+    raise ConfigError(f'config.init_from.path={c["path"]!r}: {e}{hint}'
+                      ) from None
   need(c['format'] in ('auto', detected), 'format',
        f'does not match the checkpoint, which looks like format {detected!r}')
 
@@ -276,7 +275,6 @@ def initialize_state(config, state: dict[str, Any], *, tx,
   """
   if not enabled(config):
     return state
-  from vmoe.train.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
   host = jax.tree.map(_to_host, state['params'])
   try:
     params, notes = initialize(config, host)

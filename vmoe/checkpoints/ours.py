@@ -1,4 +1,5 @@
-"""Reader of this project's orbax checkpoints (`vmoe.train.checkpoint`).
+"""Reader of this project's orbax checkpoints (`vmoe.checkpoints.checkpointer`)
+for `init_from` and inference.
 
 Accepts a training workdir (its latest checkpoint), its `checkpoints/`
 directory (latest step) or one `checkpoints/<step>` directory. Parameter
@@ -13,6 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from vmoe import workdir as workdir_lib
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.checkpoints import mapping
 from vmoe.checkpoints.source import CheckpointError, Source, fix_dtype
 
@@ -45,7 +48,6 @@ def is_ours(path: str) -> bool:
 
 
 def read_flat(path: str) -> dict[str, np.ndarray]:
-  from vmoe.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   directory, step = locate(path)
   ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=1_000_000,
                                      async_save=False)
@@ -69,6 +71,5 @@ def read(path: str) -> Source:
 
 def workdir_config(path: str) -> ml_collections.ConfigDict | None:
   """The resolved config a training run wrote next to its checkpoints."""
-  from vmoe.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   directory, _ = locate(path)
   return workdir_lib.stored_config(os.path.dirname(directory))

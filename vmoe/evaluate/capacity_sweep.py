@@ -1,4 +1,4 @@
-"""Evaluates a trained MoE checkpoint at several eval capacity factors.
+"""Command: evaluate a trained MoE checkpoint at several eval capacity factors.
 
 V-MoE models can be evaluated at another capacity than they were trained with
 (Riquelme et al. 2021, Sec. 4): more capacity drops fewer tokens at more cost.
@@ -7,7 +7,9 @@ V-MoE models can be evaluated at another capacity than they were trained with
       --workdir=/tmp/vmoe_b16_digits --capacity_factors=0.5,1.0,1.5,2.0
 
 Prints one line per capacity factor (accuracy, loss, mean dropped fraction)
-and writes `<workdir>/capacity_sweep.json`.
+and writes `<workdir>/capacity_sweep.json`. The computation is
+`vmoe.analysis.capacity_sweep` (which also compares routing settings and
+several trained models); this module is its command line.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import types
 from typing import Sequence
 
 import ml_collections
-import numpy as np
 from absl import app
 from absl import flags
 
@@ -41,33 +42,19 @@ def define_flags() -> types.SimpleNamespace:
 
 def sweep(config: ml_collections.ConfigDict, workdir: str,
           capacity_factors: Sequence[float]) -> list[dict[str, float]]:
-  """Returns eval metrics of the latest checkpoint for each capacity factor."""
-  from vmoe.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from vmoe.train import trainer  # pylint: disable=g-import-not-at-top
+  """Eval metrics of the latest checkpoint of `workdir` at each capacity
+  factor, with the routing options of `config` (`vmoe.analysis.capacity`)."""
+  from vmoe import analysis  # pylint: disable=g-import-not-at-top
   if config.model.get('moe') is None:
     raise ValueError('config.model.moe is None: a dense model has no capacity')
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=config.max_to_keep)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ValueError(f'no checkpoint in {ckpt.directory}')
-  results = []
-  params = None
-  for factor in capacity_factors:
-    cfg = config.copy_and_resolve_references()
-    cfg.model.moe.eval_capacity_factor = float(factor)
-    # Capacities are static shapes: every factor gets its own compiled step.
-    exp = trainer.Experiment(cfg)
-    if params is None:
-      params = ckpt.restore(step, exp.abstract_state)['params']
-    metrics = exp.evaluate(params)
-    dropped = [v for k, v in metrics.items() if k.endswith('dropped_fraction')
-               and '/block_' in k]
-    results.append({'capacity_factor': float(factor), 'step': step,
-                    'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
-                    'dropped_fraction': float(np.mean(dropped)) if dropped else 0.0})
-  ckpt.close()
-  return results
+  trained = analysis.load(workdir, config=config)
+  priority = config.model.moe.get('batch_priority', False)
+  frame = analysis.capacity_sweep(trained, capacity_factors,
+                                  batch_priority=(priority,))
+  return [{'capacity_factor': row.capacity_factor, 'step': int(row.step),
+           'accuracy': row.accuracy, 'loss': row.loss,
+           'dropped_fraction': row.dropped_fraction}
+          for row in frame.itertuples()]
 
 
 def main(argv, f: types.SimpleNamespace):

@@ -34,13 +34,14 @@ Shapes: b batch, d feature dim, c classes, m examples.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+
+from vmoe.config import ConfigError, checker, is_int, is_name, is_number
 
 BIAS_CONSTANT = 100.0
 SHOTS = (1, 5, 10, 25)
@@ -243,7 +244,6 @@ def _fewshot_config(config) -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks `config.fewshot` (if any); raises `ConfigError` naming the field."""
-  from vmoe.train.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
   if config.get('fewshot', None) is None:
     return
   known = set(default_config().keys())
@@ -253,27 +253,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                         f'(known: {", ".join(sorted(known))})')
   c = _fewshot_config(config)
 
-  def need(ok, field, what):
-    if not ok:
-      raise ConfigError(f'config.fewshot.{field}={c[field]!r} {what}')
-
-  def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
+  need = checker('config.fewshot', c)
   need(is_int(c.every_steps) and c.every_steps >= 0, 'every_steps',
        'must be an integer >= 0 (0 = off)')
   need(isinstance(c.shots, (tuple, list)) and len(c.shots) > 0
        and all(is_int(n) and n >= 1 for n in c.shots), 'shots',
        'must be a non-empty sequence of integers >= 1')
   need(is_int(c.seeds) and c.seeds >= 1, 'seeds', 'must be an integer >= 1')
-  need(isinstance(c.l2_reg, (int, float)) and not isinstance(c.l2_reg, bool)
-       and math.isfinite(c.l2_reg) and c.l2_reg > 0, 'l2_reg',
+  need(is_number(c.l2_reg) and c.l2_reg > 0, 'l2_reg',
        'must be a number > 0')
   for field in ('dataset', 'data_dir'):
-    need(c[field] is None or (isinstance(c[field], str) and c[field]), field,
+    need(c[field] is None or is_name(c[field]), field,
          'must be None or a non-empty string')
   for field in ('train_split', 'test_split'):
-    need(isinstance(c[field], str) and c[field], field,
+    need(is_name(c[field]), field,
          'must be a non-empty split name')
 
 
@@ -283,7 +276,6 @@ def check_data(config: ml_collections.ConfigDict, only_if_on: bool = True
   `every_steps` turns few-shot on), before any work; one-line `ConfigError`
   naming the `config.fewshot` field."""
   from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
-  from vmoe.train.config_validation import ConfigError  # pylint: disable=g-import-not-at-top
   validate_config(config)
   fc = _fewshot_config(config)
   if only_if_on and fc.every_steps == 0:

@@ -32,12 +32,12 @@ dim, k choices per token, n = e * c slots, m = number of (token, choice) pairs.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import registry
+from vmoe.kernels import registry
 from vmoe.nn import routing as rt
 
 Array = jax.Array
@@ -54,70 +54,9 @@ def _check_method(method: str):
     raise ValueError(f'dispatch method {method!r} is not one of {METHODS}')
 
 
-def _group_offsets(g: int, stride: int) -> Array:
-  """[g, 1, 1] offsets g_i * stride, to turn per-group into global indices."""
-  return (jnp.arange(g, dtype=jnp.int32) * stride)[:, None, None]
-
-
-def _expert_major(index: Array) -> Array:
-  """[g, e, c] per-slot values -> [e, g, c] (the buffer order)."""
-  return jnp.swapaxes(index, 0, 1)
-
-
-# ----------------------------------------------------------------------------
-# Token choice index maps.
-# ----------------------------------------------------------------------------
-
-
-def token_choice_slot_of_pair(r: rt.TokenChoiceRouting) -> Array:
-  """[g, s, k] flat slot e_i * c + position of each pair; e * c if dropped."""
-  e, c = r.num_experts, r.capacity
-  return jnp.where(r.valid, r.expert_index * c + r.position, e * c)
-
-
-def token_choice_pair_of_slot(r: rt.TokenChoiceRouting) -> Array:
-  """[g, e, c] pair (token * k + choice, within the group) filling each slot.
-
-  s * k marks an empty slot. The inverse of `token_choice_slot_of_pair`, built
-  with one small scatter of int32 ids (kept pairs have distinct slots).
-  """
-  g, s, k = r.expert_index.shape
-  e, c = r.num_experts, r.capacity
-  slot = token_choice_slot_of_pair(r).reshape(g, s * k)
-  pair = jnp.broadcast_to(jnp.arange(s * k, dtype=jnp.int32), (g, s * k))
-  gi = jnp.arange(g)[:, None]
-  out = jnp.full((g, e * c), s * k, jnp.int32)
-  out = out.at[gi, slot].set(pair, mode='drop')
-  return out.reshape(g, e, c)
-
-
 def _gather_rows(table: Array, index: Array) -> Array:
   """table[index] for a 2-D table; out-of-range indices give zero rows."""
   return table.at[index].get(mode='fill', fill_value=0)
-
-
-class _TokenChoiceMaps(NamedTuple):
-  """Global row indices between tokens [g*s], pairs [g*s*k], slots [e*g*c].
-
-  Slot rows are numbered in buffer order, (e_i * g + g_i) * c + position.
-  Out-of-range values (the table size) mark empty slots / dropped pairs; the
-  gathers return zero rows for them.
-  """
-  pair_slot: Array   # [g, s, k] slot row of each pair
-  slot_token: Array  # [e, g, c] token row in each slot
-  slot_pair: Array   # [e, g, c] pair row in each slot
-
-  @classmethod
-  def build(cls, r: rt.TokenChoiceRouting) -> '_TokenChoiceMaps':
-    g, s, k = r.expert_index.shape
-    e, c = r.num_experts, r.capacity
-    row = (r.expert_index * g + _group_offsets(g, 1)) * c + r.position
-    pair_slot = jnp.where(r.valid, row, e * g * c)
-    pair = token_choice_pair_of_slot(r)  # [g, e, c]
-    full = pair < s * k
-    slot_pair = jnp.where(full, pair + _group_offsets(g, s * k), g * s * k)
-    slot_token = jnp.where(full, pair // k + _group_offsets(g, s), g * s)
-    return cls(pair_slot, _expert_major(slot_token), _expert_major(slot_pair))
 
 
 # Token choice dispatch and combine are gathers in both directions: each
@@ -252,7 +191,7 @@ soft_combine.defvjp(_soft_combine_fwd, _soft_combine_bwd)
 
 def _kernel(kernels: str, method: str, r: rt.Routing):
   """The dispatch / combine kernel module that `kernels` selects for this
-  decision (`pallas_kernels.registry`), or None: the XLA code below. The
+  decision (`vmoe.kernels.registry`), or None: the XLA code below. The
   one-hot 'einsum' reference never runs a kernel."""
   if method == 'einsum':
     return None
@@ -267,7 +206,7 @@ def dispatch(r: rt.Routing, x: Array, method: str = 'indices',
   For 'dropless' this is the 'indices' layout (dropless only differs in
   `moe_apply`, where it skips the buffers). `kernels`: `model.moe.kernels`;
   where it selects a Pallas kernel for this decision, the kernel replaces
-  the 'indices' gathers (`pallas_kernels.registry`).
+  the 'indices' gathers (`vmoe.kernels.registry`).
   """
   _check_method(method)
   kernel = _kernel(kernels, method, r)
@@ -281,10 +220,10 @@ def dispatch(r: rt.Routing, x: Array, method: str = 'indices',
     slots = soft_dispatch(r.logits, x).reshape(g, r.num_experts, -1, d)
     return jnp.swapaxes(slots, 0, 1)
   if isinstance(r, rt.TokenChoiceRouting):
-    maps = _TokenChoiceMaps.build(r)
+    maps = rt.TokenChoiceSlotMaps.build(r)
     return _tc_dispatch(x.reshape(g * s, d), maps.slot_token, maps.pair_slot)
   if isinstance(r, rt.ExpertChoiceRouting):
-    index = _expert_major(r.token_index + _group_offsets(g, s))
+    index = rt.expert_major(r.token_index + rt.group_offsets(g, s))
     return _gather_rows(x.reshape(g * s, d), index)
   raise TypeError(f'unknown routing {type(r)}')
 
@@ -307,15 +246,15 @@ def combine(r: rt.Routing, outputs: Array, method: str = 'indices',
     slots = jnp.swapaxes(outputs, 0, 1).reshape(g, e * c, d)
     return soft_combine(r.logits, slots)
   if isinstance(r, rt.TokenChoiceRouting):
-    maps = _TokenChoiceMaps.build(r)
+    maps = rt.TokenChoiceSlotMaps.build(r)
     w = r.combine_weight.astype(outputs.dtype)
     return _tc_combine(outputs.reshape(e * g * c, d), w, maps.pair_slot,
                        maps.slot_token, maps.slot_pair)
   if isinstance(r, rt.ExpertChoiceRouting):
     # A token may sit in several experts' buffers: accumulate (scatter-add).
     s = r.num_tokens
-    index = _expert_major(r.token_index + _group_offsets(g, s))
-    w = _expert_major(r.combine_weight).astype(outputs.dtype)[..., None]
+    index = rt.expert_major(r.token_index + rt.group_offsets(g, s))
+    w = rt.expert_major(r.combine_weight).astype(outputs.dtype)[..., None]
     y = jnp.zeros((g * s, d), outputs.dtype)
     y = y.at[index.reshape(-1)].add((outputs * w).reshape(-1, d))
     return y.reshape(g, s, d)
@@ -336,7 +275,7 @@ def _dropless_token_choice(r: rt.TokenChoiceRouting, x: Array,
   order = jnp.argsort(key, stable=True)
   token = jnp.broadcast_to(
       (jnp.arange(s, dtype=jnp.int32)[None, :, None]
-       + _group_offsets(g, s)), (g, s, k)).reshape(-1)
+       + rt.group_offsets(g, s)), (g, s, k)).reshape(-1)
   xs = x.reshape(g * s, d)[token[order]]
   sizes = jnp.sum(jax.nn.one_hot(key, e, dtype=jnp.int32), axis=0)
   ys = ragged_fn(xs, sizes, key[order])
@@ -352,7 +291,7 @@ def _dropless_expert_choice(r: rt.ExpertChoiceRouting, x: Array,
   g, s, d = x.shape
   e, c = r.num_experts, r.capacity
   # Expert-major rows: [e, g, c] are already sorted by expert.
-  index = _expert_major(r.token_index + _group_offsets(g, s))
+  index = rt.expert_major(r.token_index + rt.group_offsets(g, s))
   xs = x.reshape(g * s, d)[index.reshape(-1)]
   sizes = jnp.full((e,), g * c, jnp.int32)
   expert_id = jnp.repeat(jnp.arange(e, dtype=jnp.int32), g * c)

@@ -151,7 +151,7 @@ class MlpBlock(nnx.Module):
   """
 
   def __init__(self, dim: int, hidden_dim: int, *, dropout_rate: float = 0.0,
-               gelu: str = 'exact', dtype: DType | None = None,
+               gelu: str = batched_mlp.DEFAULT_GELU, dtype: DType | None = None,
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     bias_init = nnx.initializers.normal(stddev=1e-6)
     self.fc1 = Dense(dim, hidden_dim, axes=('embed', 'mlp'), bias_init=bias_init,

@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pallas_kernels import registry as kernel_registry
+from vmoe.kernels import registry as kernel_registry
 from vmoe import sharding
+from vmoe.config import ConfigError, is_bool, is_int, is_number
 from vmoe.nn import batched_mlp
 from vmoe.nn import dispatch as dp
 from vmoe.nn import layers
@@ -45,8 +46,6 @@ from vmoe.nn import routers
 from vmoe.nn import routing as rt
 from vmoe.nn.layers import DType, param
 # Re-exported: the metrics every MoE layer reports.
-# pylint: disable-next=unused-import
-from vmoe.nn.routers import base as router_base
 from vmoe.nn.routers.base import LOSS_KEYS, METRIC_KEYS
 
 # Fields that may sit in the same config but belong to the model placing the
@@ -86,7 +85,7 @@ def default_moe_config() -> ml_collections.ConfigDict:
       parts of routing, dispatch, gmm, soft), 'auto' (default: XLA on every
       platform until a kernel is measured faster there). Interpreted on a
       CPU host (slow: for tests). Parts without a kernel for the decision
-      at hand run their XLA code (`pallas_kernels.registry`).
+      at hand run their XLA code (`vmoe.kernels.registry`).
     bf16_dispatch: round the tokens entering dispatch and the expert outputs
       entering combine to bfloat16 and back (google-research/vmoe's
       Bfloat16Dispatcher, on in its Soft MoE and in its V-MoE paper configs,
@@ -151,14 +150,12 @@ def _merged(cfg) -> types.SimpleNamespace:
   return types.SimpleNamespace(**values)
 
 
-_is_int, _is_num = router_base.is_int, router_base.is_num
-
-
 def validate_moe_config(cfg: ml_collections.ConfigDict,
                         prefix: str = 'model.moe',
                         mlp_dim: int | None = None,
                         other_router_options: bool = True) -> None:
-  """Raises ValueError with one readable line for the first bad field.
+  """Raises ConfigError (a ValueError) with one line naming the first bad
+  field.
 
   mlp_dim: the MLP hidden size of the model, to check that `granularity`
   (and nothing else) divides it; skipped when None.
@@ -167,7 +164,7 @@ def validate_moe_config(cfg: ml_collections.ConfigDict,
   since they would do nothing (`--config.model.moe.k=4` on expert choice).
   """
   def fail(msg):
-    raise ValueError(msg)
+    raise ConfigError(msg)
 
   known = set(default_moe_config().keys())
   for key in cfg.keys():
@@ -184,36 +181,36 @@ def validate_moe_config(cfg: ml_collections.ConfigDict,
   need(c.router in routers.names(), 'router',
        f'is not one of {routers.names()}')
   need(c.dispatch in dp.METHODS, 'dispatch', f'is not one of {dp.METHODS}')
-  need(_is_int(c.num_experts) and c.num_experts >= 1, 'num_experts',
+  need(is_int(c.num_experts) and c.num_experts >= 1, 'num_experts',
        'must be an integer >= 1')
-  need(c.group_size is None or (_is_int(c.group_size) and c.group_size >= 1),
+  need(c.group_size is None or (is_int(c.group_size) and c.group_size >= 1),
        'group_size', 'must be None or an integer >= 1')
-  need(_is_num(c.capacity_factor) and c.capacity_factor > 0,
+  need(is_number(c.capacity_factor) and c.capacity_factor > 0,
        'capacity_factor', 'must be a number > 0')
   need(c.eval_capacity_factor is None
-       or (_is_num(c.eval_capacity_factor) and c.eval_capacity_factor > 0),
+       or (is_number(c.eval_capacity_factor) and c.eval_capacity_factor > 0),
        'eval_capacity_factor', 'must be None or a number > 0')
-  need(c.capacity is None or (_is_int(c.capacity) and c.capacity >= 1),
+  need(c.capacity is None or (is_int(c.capacity) and c.capacity >= 1),
        'capacity', 'must be None or an integer >= 1')
   need(c.capacity_multiple is None
-       or (_is_int(c.capacity_multiple) and c.capacity_multiple >= 1),
+       or (is_int(c.capacity_multiple) and c.capacity_multiple >= 1),
        'capacity_multiple', 'must be None or an integer >= 1')
   need(c.capacity_rounding in rt.CAPACITY_ROUNDINGS, 'capacity_rounding',
        f'is not one of {rt.CAPACITY_ROUNDINGS}')
-  need(isinstance(c.bf16_dispatch, bool), 'bf16_dispatch', 'must be a bool')
-  need(_is_int(c.num_shared_experts) and c.num_shared_experts >= 0,
+  need(is_bool(c.bf16_dispatch), 'bf16_dispatch', 'must be a bool')
+  need(is_int(c.num_shared_experts) and c.num_shared_experts >= 0,
        'num_shared_experts', 'must be an integer >= 0')
   need(c.shared_hidden_dim is None
-       or (_is_int(c.shared_hidden_dim) and c.shared_hidden_dim >= 1),
+       or (is_int(c.shared_hidden_dim) and c.shared_hidden_dim >= 1),
        'shared_hidden_dim', 'must be None or an integer >= 1')
-  need(_is_int(c.granularity) and c.granularity >= 1, 'granularity',
+  need(is_int(c.granularity) and c.granularity >= 1, 'granularity',
        'must be an integer >= 1')
   if mlp_dim is not None:
     need(mlp_dim % c.granularity == 0, 'granularity',
          f'does not divide the MLP hidden size {mlp_dim}')
   for w in ('importance_loss_weight', 'load_loss_weight',
             'balance_loss_weight', 'z_loss_weight'):
-    need(_is_num(getattr(c, w)) and getattr(c, w) >= 0, w,
+    need(is_number(getattr(c, w)) and getattr(c, w) >= 0, w,
          'must be a number >= 0')
   kernel_registry.validate(c.kernels, f'{prefix}.kernels')
   router = routers.get(c.router)
@@ -247,7 +244,7 @@ class Experts(nnx.Module):
   """
 
   def __init__(self, num_experts: int, dim: int, hidden_dim: int, *,
-               dropout_rate: float = 0.0, gelu: str = 'exact',
+               dropout_rate: float = 0.0, gelu: str = batched_mlp.DEFAULT_GELU,
                axis: str = 'expert', dtype: DType | None = None,
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     e, d, h = num_experts, dim, hidden_dim
@@ -351,7 +348,7 @@ def apply_experts_ragged(weights: tuple[jax.Array, ...], x: jax.Array,
   """Expert MLPs on expert-sorted rows [m, d] -> [m, d] (`Experts.ragged`).
 
   The grouped matmuls are `jax.lax.ragged_dot`, or the 'gmm' kernel that
-  `kernels` (`model.moe.kernels`) selects (`pallas_kernels.registry`).
+  `kernels` (`model.moe.kernels`) selects (`vmoe.kernels.registry`).
   """
   ragged_dot = kernel_registry.lookup(kernels, 'gmm', 'ragged_dot',
                                       jax.lax.ragged_dot)
@@ -408,7 +405,7 @@ class MoeLayer(nnx.Module):
 
   def __init__(self, dim: int, hidden_dim: int, *,
                config: ml_collections.ConfigDict, dropout_rate: float = 0.0,
-               gelu: str = 'exact', dtype: DType | None = None,
+               gelu: str = batched_mlp.DEFAULT_GELU, dtype: DType | None = None,
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     validate_moe_config(config, mlp_dim=hidden_dim)
     c = _merged(config)
@@ -630,7 +627,7 @@ def set_capacity_factor(model: nnx.Module, train: float | None = None,
   re-jit after calling this. Returns the number of layers updated.
   """
   for name, value in (('train', train), ('eval', eval)):
-    if value is not None and not (_is_num(value) and value > 0):
+    if value is not None and not (is_number(value) and value > 0):
       raise ValueError(f'{name} capacity factor={value!r} must be a number > 0')
   count = 0
   for module in moe_layers(model).values():

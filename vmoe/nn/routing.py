@@ -1,26 +1,32 @@
-"""Routing decisions as pure functions of router logits.
+"""Routing decisions as pure functions of router logits: the shared math.
 
-A router module (see `vmoe.nn.moe`) owns parameters and produces logits; this
-file turns logits into a routing *decision*: a small pytree saying which token
-goes to which slot of which expert buffer and with which combine weight.
-Dispatchers (`vmoe.nn.dispatch`) consume decisions; nothing here moves tokens.
+A router (`vmoe.nn.routers`, one registered unit per algorithm) owns
+parameters and produces logits; the functions here turn logits (or scores)
+into a routing *decision*: a small pytree saying which token goes to which
+slot of which expert buffer and with which combine weight. Dispatchers
+(`vmoe.nn.dispatch`) consume decisions; nothing here moves tokens, and
+nothing here knows which router called it.
 
 Axis letters: g groups, s tokens per group, e experts, c capacity (slots per
 expert), d model dim, k choices per token, n = e * c slots in a group.
 
-Routers:
-  * `token_choice`: top-k experts per token with a per-expert capacity, tokens
-    over capacity dropped; optional Batch Priority Routing (V-MoE,
-    Riquelme et al. 2021, https://arxiv.org/abs/2106.05974; GShard,
-    Lepikhin et al. 2020; Switch, Fedus et al. 2021).
-  * `expert_choice`: each expert picks its top-c tokens (Zhou et al. 2022,
+Decisions:
+  * `token_choice_from_logits` / `token_choice_from_gates`: top-k experts per
+    token with a per-expert capacity, tokens over capacity dropped; optional
+    Batch Priority Routing (V-MoE, Riquelme et al. 2021,
+    https://arxiv.org/abs/2106.05974; GShard, Lepikhin et al. 2020; Switch,
+    Fedus et al. 2021).
+  * `expert_choice_from_logits` / `expert_choice_from_gates`: each expert
+    picks its top-c tokens (Zhou et al. 2022,
     https://arxiv.org/abs/2202.09368).
   * `soft_routing`: Soft MoE slot logits (Puigcerver et al. 2023,
     https://arxiv.org/abs/2308.00951); dispatch = softmax over tokens,
     combine = softmax over slots.
 
-Auxiliary losses: `importance_loss`, `load_loss` (V-MoE appendix A),
-`balance_loss` (GShard / Switch), `z_loss` (ST-MoE, Zoph et al. 2022).
+Index maps of token choice decisions (`TokenChoiceSlotMaps`), dense one-hot
+tensors (tests and analysis), and the auxiliary losses: `importance_loss`,
+`load_loss` (V-MoE appendix A), `balance_loss` (GShard / Switch), `z_loss`
+(ST-MoE, Zoph et al. 2022).
 
 All router math runs in float32 whatever the activation dtype.
 """
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Union
+from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -290,9 +296,9 @@ def queue_positions(queue: Array, num_experts: int,
   return jnp.zeros((g, m), jnp.int32).at[gi, order].set(index - run_start)
 
 
-def token_choice(logits: Array, *, num_selected: int, capacity: int,
-                 batch_priority: bool = False,
-                 renormalize: bool = False) -> TokenChoiceRouting:
+def token_choice_from_logits(logits: Array, *, num_selected: int,
+                             capacity: int, batch_priority: bool = False,
+                             renormalize: bool = False) -> TokenChoiceRouting:
   """Top-k token choice with capacity (V-MoE / GShard / Switch).
 
   Gates are softmax(logits) over experts; see `token_choice_from_gates`.
@@ -390,7 +396,8 @@ def token_choice_from_gates(gates: Array, *, num_selected: int, capacity: int,
 # ----------------------------------------------------------------------------
 
 
-def expert_choice(logits: Array, *, capacity: int) -> ExpertChoiceRouting:
+def expert_choice_from_logits(logits: Array, *,
+                              capacity: int) -> ExpertChoiceRouting:
   """Expert choice routing (Zhou et al. 2022, https://arxiv.org/abs/2202.09368).
 
   Gates are softmax(logits) over experts; see `expert_choice_from_gates`.
@@ -469,6 +476,68 @@ def soft_routing(x: Array, phi: Array, scale: Array) -> SoftRouting:
   pn = l2_normalize(phi.reshape(e * p, d), axis=-1)
   logits = jnp.einsum('gsd,nd->gsn', xn, pn * scale.astype(jnp.float32))
   return SoftRouting(logits=logits, num_experts=e)
+
+
+# ----------------------------------------------------------------------------
+# Index maps of token choice decisions (the 'indices' dispatch and its
+# kernels move rows by them).
+# ----------------------------------------------------------------------------
+
+
+def group_offsets(g: int, stride: int) -> Array:
+  """[g, 1, 1] offsets g_i * stride, to turn per-group into global indices."""
+  return (jnp.arange(g, dtype=jnp.int32) * stride)[:, None, None]
+
+
+def expert_major(index: Array) -> Array:
+  """[g, e, c] per-slot values -> [e, g, c] (the buffer order)."""
+  return jnp.swapaxes(index, 0, 1)
+
+
+def token_choice_slot_of_pair(r: TokenChoiceRouting) -> Array:
+  """[g, s, k] flat slot e_i * c + position of each pair; e * c if dropped."""
+  e, c = r.num_experts, r.capacity
+  return jnp.where(r.valid, r.expert_index * c + r.position, e * c)
+
+
+def token_choice_pair_of_slot(r: TokenChoiceRouting) -> Array:
+  """[g, e, c] pair (token * k + choice, within the group) filling each slot.
+
+  s * k marks an empty slot. The inverse of `token_choice_slot_of_pair`, built
+  with one small scatter of int32 ids (kept pairs have distinct slots).
+  """
+  g, s, k = r.expert_index.shape
+  e, c = r.num_experts, r.capacity
+  slot = token_choice_slot_of_pair(r).reshape(g, s * k)
+  pair = jnp.broadcast_to(jnp.arange(s * k, dtype=jnp.int32), (g, s * k))
+  gi = jnp.arange(g)[:, None]
+  out = jnp.full((g, e * c), s * k, jnp.int32)
+  out = out.at[gi, slot].set(pair, mode='drop')
+  return out.reshape(g, e, c)
+
+
+class TokenChoiceSlotMaps(NamedTuple):
+  """Global row indices between tokens [g*s], pairs [g*s*k], slots [e*g*c].
+
+  Slot rows are numbered in buffer order, (e_i * g + g_i) * c + position.
+  Out-of-range values (the table size) mark empty slots / dropped pairs; the
+  gathers return zero rows for them.
+  """
+  pair_slot: Array   # [g, s, k] slot row of each pair
+  slot_token: Array  # [e, g, c] token row in each slot
+  slot_pair: Array   # [e, g, c] pair row in each slot
+
+  @classmethod
+  def build(cls, r: TokenChoiceRouting) -> 'TokenChoiceSlotMaps':
+    g, s, k = r.expert_index.shape
+    e, c = r.num_experts, r.capacity
+    row = (r.expert_index * g + group_offsets(g, 1)) * c + r.position
+    pair_slot = jnp.where(r.valid, row, e * g * c)
+    pair = token_choice_pair_of_slot(r)  # [g, e, c]
+    full = pair < s * k
+    slot_pair = jnp.where(full, pair + group_offsets(g, s * k), g * s * k)
+    slot_token = jnp.where(full, pair // k + group_offsets(g, s), g * s)
+    return cls(pair_slot, expert_major(slot_token), expert_major(slot_pair))
 
 
 # ----------------------------------------------------------------------------

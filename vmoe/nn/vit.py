@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from vmoe.nn import batched_mlp
 from vmoe.nn import layers
 from vmoe.nn import moe as moe_lib
 from vmoe.nn.layers import AUX_LOSS_KEY, Dense, LayerNorm, MlpBlock, dropout
@@ -206,7 +207,8 @@ class VisionTransformer(nnx.Module):
                variant: str, pool: str = 'tok', dropout_rate: float = 0.0,
                stochastic_depth: float = 0.0,
                moe: ml_collections.ConfigDict | None = None,
-               gelu: str = 'tanh', representation_size: int | None = None,
+               gelu: str = batched_mlp.DEFAULT_GELU,
+               representation_size: int | None = None,
                size: VitSize | None = None, dtype=None,
                param_dtype=jnp.float32, head_zero_init: bool = True,
                rngs: nnx.Rngs):
@@ -327,7 +329,8 @@ def create_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
       pool=model_cfg.get('pool', 'tok'),
       dropout_rate=model_cfg.get('dropout', 0.0),
       stochastic_depth=model_cfg.get('stochastic_depth', 0.0),
-      moe=model_cfg.get('moe', None), gelu=model_cfg.get('gelu', 'tanh'),
+      moe=model_cfg.get('moe', None),
+      gelu=model_cfg.get('gelu', batched_mlp.DEFAULT_GELU),
       dtype=dtype,
       head_zero_init=model_cfg.get('head_zero_init', True), rngs=rngs)
 

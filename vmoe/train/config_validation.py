@@ -7,15 +7,23 @@ touching the workdir.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
+from vmoe import sharding
+from vmoe.checkpoints import init_from
+from vmoe.config import ConfigError, check, is_int, is_number
 from vmoe.data import preprocess_config
+from vmoe.evaluate import fewshot
+from vmoe.kernels import registry as kernel_registry
+from vmoe.nn import moe as moe_lib
+from vmoe.nn import routers
+from vmoe.nn import routing
 from vmoe.nn import vit
-from vmoe.nn.batched_mlp import GELU_FORMS
+from vmoe.nn.batched_mlp import DEFAULT_GELU, GELU_FORMS
 from vmoe.train import optimizer as optimizer_lib
 
 REQUIRED_FIELDS = (
@@ -30,10 +38,6 @@ TRAIN_CROPS = preprocess_config.TRAIN_CROPS
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-class ConfigError(ValueError):
-  """An invalid config value; the message is one line naming the field."""
-
-
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
   node = config
   for part in path.split('.'):
@@ -44,12 +48,7 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
 
 
 def _check(ok: bool, path: str, value: Any, why: str) -> None:
-  if not ok:
-    raise ConfigError(f'config.{path}={value!r} {why}')
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+  check(ok, f'config.{path}', value, why)
 
 
 def validate_config(config: ml_collections.ConfigDict,
@@ -82,11 +81,10 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
                'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                'max_to_keep', 'preprocess.image_size', 'preprocess.num_channels'):
     value = _get(config, path)
-    _check(isinstance(value, int) and value > 0, path, value,
+    _check(is_int(value) and value > 0, path, value,
            'must be a positive integer')
-  _check(isinstance(config.seed, int) and not isinstance(config.seed, bool)
-         and -2**63 <= config.seed < 2**63, 'seed', config.seed,
-         'must be a 64-bit integer')
+  _check(is_int(config.seed) and -2**63 <= config.seed < 2**63, 'seed',
+         config.seed, 'must be a 64-bit integer')
 
   # Model.
   try:
@@ -94,8 +92,8 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
   except ValueError as e:
     raise ConfigError(f'config.{e}') from None
   rep = config.model.get('representation_size')
-  _check(rep is None or (isinstance(rep, int) and not isinstance(rep, bool)
-                         and rep >= 1), 'model.representation_size', rep,
+  _check(rep is None or (is_int(rep) and rep >= 1),
+         'model.representation_size', rep,
          'must be None or a positive integer')
   size = config.preprocess.image_size
   _check(size % patch == 0, 'preprocess.image_size', size,
@@ -103,30 +101,30 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
          f'model.variant={config.model.variant!r}')
   _check(config.model.get('pool', 'tok') in ('tok', 'gap'), 'model.pool',
          config.model.get('pool'), "is not one of ('tok', 'gap')")
-  _check(config.model.get('gelu', 'tanh') in GELU_FORMS, 'model.gelu',
+  _check(config.model.get('gelu', DEFAULT_GELU) in GELU_FORMS, 'model.gelu',
          config.model.get('gelu'), f'is not one of {GELU_FORMS}')
   _check(config.model.get('dtype', 'float32') in DTYPES, 'model.dtype',
          config.model.get('dtype'), f'is not one of {DTYPES}')
   for path in ('model.dropout', 'model.stochastic_depth', 'label_smoothing'):
     value = _get(config, path)
-    _check(_is_number(value) and 0 <= value < 1, path, value,
+    _check(is_number(value) and 0 <= value < 1, path, value,
            'must be in [0, 1)')
   moe = config.model.get('moe')
   if moe is not None:
-    from vmoe.nn import moe as moe_lib  # pylint: disable=g-import-not-at-top
     _check(isinstance(moe, (ml_collections.ConfigDict, dict)), 'model.moe',
            moe, 'must be None (dense) or a ConfigDict of MoE options')
     layers = moe.get('layers')
     _check(layers is None or isinstance(layers, str) or (
-        isinstance(layers, (tuple, list)) and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in layers)),
+        isinstance(layers, (tuple, list)) and all(map(is_int, layers))),
            'model.moe.layers', layers, "is not one of 'every:N', 'last:N', "
            "'second_half', 'none' or a tuple of block indices")
     try:
       blocks = vit.moe_block_indices(moe.get('layers'), vit_size.depth)
-      moe_lib.validate_moe_config(moe, prefix='model.moe',
+      moe_lib.validate_moe_config(moe, prefix='config.model.moe',
                                   mlp_dim=vit_size.mlp_dim,
                                   other_router_options=False)
+    except ConfigError:
+      raise
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
     _check(bool(blocks), 'model.moe.layers', moe.get('layers'),
@@ -136,7 +134,7 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
   opt = config.optimizer
   _check(opt.name in optimizer_lib.OPTIMIZERS, 'optimizer.name', opt.name,
          f'is not one of {optimizer_lib.OPTIMIZERS}')
-  _check(_is_number(opt.learning_rate) and opt.learning_rate > 0,
+  _check(is_number(opt.learning_rate) and opt.learning_rate > 0,
          'optimizer.learning_rate', opt.learning_rate, 'must be positive')
   # Parameters are float32: a larger learning rate is inf there, and its
   # first update would make every parameter NaN/inf.
@@ -145,20 +143,20 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
          'is not finite in float32 (the parameter dtype)')
   for name in ('weight_decay', 'grad_clip_norm', 'eps'):
     value = opt.get(name, 0.0)
-    _check(_is_number(value) and value >= 0, f'optimizer.{name}', value,
+    _check(is_number(value) and value >= 0, f'optimizer.{name}', value,
            'must be >= 0')
   for name in ('b1', 'b2', 'momentum'):
     value = opt.get(name, 0.0)
-    _check(_is_number(value) and 0 <= value < 1, f'optimizer.{name}', value,
+    _check(is_number(value) and 0 <= value < 1, f'optimizer.{name}', value,
            'must be in [0, 1)')
   sched = config.schedule
   _check(sched.name in optimizer_lib.SCHEDULES, 'schedule.name', sched.name,
          f'is not one of {optimizer_lib.SCHEDULES}')
-  _check(isinstance(sched.warmup_steps, int)
+  _check(is_int(sched.warmup_steps)
          and 0 <= sched.warmup_steps <= config.num_train_steps,
          'schedule.warmup_steps', sched.warmup_steps,
          f'must be in [0, num_train_steps={config.num_train_steps}]')
-  _check(_is_number(sched.end_lr_fraction) and 0 <= sched.end_lr_fraction <= 1,
+  _check(is_number(sched.end_lr_fraction) and 0 <= sched.end_lr_fraction <= 1,
          'schedule.end_lr_fraction', sched.end_lr_fraction, 'must be in [0, 1]')
 
   # Preprocessing.
@@ -168,15 +166,72 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
     raise ConfigError(str(e)) from None
 
   if 'mesh' in config:
-    from vmoe import sharding  # pylint: disable=g-import-not-at-top
-    try:
-      sharding.validate_mesh_config(
-          config, tokens_per_image=vit.num_tokens(
-              config.model, config.preprocess.image_size))
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-  from vmoe.checkpoints import init_from  # pylint: disable=g-import-not-at-top
-  init_from.validate_config(config, error=ConfigError,
-                            check_path=not resuming)
-  from vmoe.evaluate import fewshot  # pylint: disable=g-import-not-at-top
+    validate_mesh(config, tokens_per_image=vit.num_tokens(
+        config.model, config.preprocess.image_size))
+  init_from.validate_config(config, check_path=not resuming)
   fewshot.validate_config(config)
+
+
+def validate_mesh(config: ml_collections.ConfigDict,
+                  num_devices: int | None = None,
+                  tokens_per_image: int | None = None) -> None:
+  """Checks mesh, rules, batch and expert divisibility before any work.
+
+  tokens_per_image: tokens entering the encoder per image (patches + class
+  token, `vmoe.nn.vit.num_tokens`), to check that `model.moe.group_size`
+  divides the tokens on each device; the check is skipped when None.
+
+  Raises ConfigError with one line naming the config field and its value.
+  """
+  num_devices = num_devices or jax.device_count()
+  num_processes = jax.process_count()
+  sizes = sharding.mesh_shape(config, num_devices)
+  rules = sharding.partitioning_rules(config)
+  sharding.partitioning_overrides(config)
+  sharding.fsdp_options(config)
+  value = config.batch_size
+  if value % num_devices or value % num_processes:
+    raise ConfigError(f'config.batch_size={value} is not divisible by the '
+                      f'{num_devices} devices of mesh {sizes} '
+                      f'({num_processes} processes)')
+  # Eval batches are padded (mask 0) to a multiple of the devices.
+  if config.eval_batch_size % num_processes:
+    raise ConfigError(f'config.eval_batch_size={config.eval_batch_size} is '
+                      f'not divisible by the {num_processes} processes')
+  moe = config.get('model', {}).get('moe')
+  if moe is None:
+    return
+  expert_axis = rules.get('expert')
+  num_experts = moe.get('num_experts', 8)
+  if expert_axis is not None and num_experts % sizes[expert_axis]:
+    raise ConfigError(f'config.model.moe.num_experts={num_experts} is not a '
+                      f'multiple of config.mesh.{expert_axis}='
+                      f'{sizes[expert_axis]}')
+  decision = routers.get(moe.get('router', 'token_choice')).DECISION
+  # Dropless dispatch has no expert-parallel path; Soft MoE never drops.
+  if (sizes['expert'] > 1 and moe.get('dispatch', 'indices') == 'dropless'
+      and decision is not routing.SoftRouting):
+    raise ConfigError("config.model.moe.dispatch='dropless' does not support "
+                      f"config.mesh.expert={sizes['expert']}; use 'indices' "
+                      "or 'einsum'")
+  if sizes['expert'] > 1 and jax.default_backend() == 'cpu':
+    kernels = moe.get('kernels', 'auto')
+    if kernel_registry.pallas_parts(kernels, 'cpu'):
+      # The layer itself is right there (tests/workers/pallas_ep.py), but a
+      # training loop stalls: in jax 0.10.2 the interpreter's callbacks then
+      # wait on an operand that never becomes ready (second train step).
+      raise ConfigError(
+          f'config.model.moe.kernels={kernels!r} with config.mesh.expert='
+          f"{sizes['expert']} on CPU devices: interpreted Pallas kernels in "
+          "the expert-parallel train step hang in jax's TPU interpreter; "
+          "use kernels='xla' on CPU")
+  group_size = moe.get('group_size')
+  if group_size and tokens_per_image:
+    tokens = tokens_per_image
+    for name in ('batch_size', 'eval_batch_size'):
+      local = -(-config[name] // num_devices) * tokens
+      if local % group_size:
+        raise ConfigError(
+            f'config.model.moe.group_size={group_size} does not divide the '
+            f'{local} tokens per device of config.{name}={config[name]} '
+            f'({tokens} tokens per image, {num_devices} devices)')

@@ -46,16 +46,17 @@ from flax import nnx
 from tqdm import tqdm
 
 from vmoe import sharding
+from vmoe import workdir as workdir_lib
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.checkpoints import init_from
+from vmoe.config import ConfigError
 from vmoe.data import pipeline
 from vmoe.evaluate import fewshot
 from vmoe.nn import vit
-from vmoe.train import checkpoint as checkpoint_lib
 from vmoe.train import metrics_writer
 from vmoe.train import optimizer as optimizer_lib
 from vmoe.train import steps
-from vmoe.train import workdir as workdir_lib
-from vmoe.train.config_validation import ConfigError, validate_config
+from vmoe.train.config_validation import validate_config
 
 IncompatibleCheckpointError = checkpoint_lib.IncompatibleCheckpointError
 WorkdirError = workdir_lib.WorkdirError

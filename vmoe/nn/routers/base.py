@@ -14,7 +14,7 @@ every MoE layer logs. `vmoe.nn.moe.MoeLayer` is the plumbing around it:
 
 and moves tokens with any strategy of `vmoe.nn.dispatch`, which only sees the
 decision. A new router is a module of this package defining a subclass
-registered by name (`@routers.register('name')`) plus one import line in
+registered by name (`@registry.register('name')`) plus one import line in
 `vmoe/nn/routers/__init__.py`; its config options are its `OPTIONS`.
 
 Axis letters: g groups, s tokens per group, e experts, c capacity, d model
@@ -24,22 +24,19 @@ dim, k choices per token, p Soft MoE slots per expert.
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vmoe.config import Need, is_number
 from vmoe.nn import routing as rt
 from vmoe.nn.layers import AUX_LOSS_KEY, DType, param
 
 LOSS_KEYS = ('importance_loss', 'load_loss', 'balance_loss', 'z_loss')
 METRIC_KEYS = (AUX_LOSS_KEY, *LOSS_KEYS, 'dropped_fraction', 'router_entropy',
                'capacity', 'expert_load')
-
-# need(ok, field, what): raises a one-line error naming model.moe.<field>.
-Need = Callable[[bool, str, str], None]
-
 
 class Router(nnx.Module):
   """Base class of routers (see the module docstring).
@@ -154,7 +151,7 @@ class GateRouter(Router):
 
   @classmethod
   def validate(cls, c, need):
-    need(c.noise_std is None or (is_num(c.noise_std) and c.noise_std >= 0),
+    need(c.noise_std is None or (is_number(c.noise_std) and c.noise_std >= 0),
          'noise_std', "must be None (the router's default: 1/num_experts, "
          'none for sparsity-constrained expert choice) or a number >= 0')
 
@@ -212,10 +209,3 @@ class GateRouter(Router):
         z_loss=rt.z_loss(clean))
     return self.routing_metrics(r, losses, gates_noisy)
 
-
-def is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_num(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -3,18 +3,18 @@
 https://arxiv.org/abs/2202.09368. Softmax gates over experts as in token
 choice; each expert then takes the c tokens of the group with the largest
 gate for it, so every expert is full and a token is processed by 0..e
-experts. The decision math is `vmoe.nn.routing.expert_choice`.
+experts. The decision math is `vmoe.nn.routing.expert_choice_from_logits`.
 """
 
 from __future__ import annotations
 
-from pallas_kernels import registry as kernel_registry
-from vmoe.nn import routers
+from vmoe.kernels import registry as kernel_registry
 from vmoe.nn import routing as rt
 from vmoe.nn.routers import base
+from vmoe.nn.routers import registry
 
 
-@routers.register('expert_choice')
+@registry.register('expert_choice')
 class ExpertChoiceRouter(base.GateRouter):
   """Each expert takes its top-c tokens, c = ceil(s * capacity_factor / e).
 
@@ -36,8 +36,9 @@ class ExpertChoiceRouter(base.GateRouter):
     self.kernels = c.kernels  # model.moe.kernels: XLA or the routing kernel
 
   def decide(self, logits, *, capacity):
-    expert_choice = kernel_registry.lookup(self.kernels, 'routing',
-                                           'expert_choice', rt.expert_choice)
+    expert_choice = kernel_registry.lookup(
+        self.kernels, 'routing', 'expert_choice_from_logits',
+        rt.expert_choice_from_logits)
     return expert_choice(logits['noisy'], capacity=capacity)
 
   def metrics(self, r, logits, *, train):

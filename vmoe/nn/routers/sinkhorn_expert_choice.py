@@ -11,16 +11,16 @@ default softmax of the logits the plan was computed from is vmoe's).
 
 from __future__ import annotations
 
-from pallas_kernels import registry as kernel_registry
+from vmoe.kernels import registry as kernel_registry
 
 from vmoe.nn import optimal_transport as ot
-from vmoe.nn import routers
 from vmoe.nn import routing as rt
 from vmoe.nn.routers import expert_choice
 from vmoe.nn.routers import sinkhorn_token_choice as stc
+from vmoe.nn.routers import registry
 
 
-@routers.register('sinkhorn_expert_choice')
+@registry.register('sinkhorn_expert_choice')
 class SinkhornExpertChoiceRouter(expert_choice.ExpertChoiceRouter):
   """Expert choice on the Sinkhorn plan, c = ceil(s * capacity_factor / e).
 

@@ -32,12 +32,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import registry as kernel_registry
+from vmoe.kernels import registry as kernel_registry
 
+from vmoe.config import Need, is_int
 from vmoe.nn import optimal_transport as ot
-from vmoe.nn import routers
 from vmoe.nn import routing as rt
 from vmoe.nn.routers import base
+from vmoe.nn.routers import registry
 from vmoe.nn.routers import token_choice
 
 COMBINE_WEIGHTS = ('softmax', 'clean_softmax', 'plan')
@@ -45,15 +46,15 @@ SINKHORN_OPTIONS = dict(sinkhorn_iterations=20, sinkhorn_mode='kernel',
                         ot_combine_weights='softmax')
 
 
-def validate_sinkhorn_options(c, need: base.Need) -> None:
-  need(base.is_int(c.sinkhorn_iterations) and c.sinkhorn_iterations >= 1,
+def validate_sinkhorn_options(c, need: Need) -> None:
+  need(is_int(c.sinkhorn_iterations) and c.sinkhorn_iterations >= 1,
        'sinkhorn_iterations', 'must be an integer >= 1')
   need(c.sinkhorn_mode in ot.SINKHORN_MODES, 'sinkhorn_mode',
        f'is not one of {ot.SINKHORN_MODES}')
   validate_combine_weights(c, need)
 
 
-def validate_combine_weights(c, need: base.Need) -> None:
+def validate_combine_weights(c, need: Need) -> None:
   need(c.ot_combine_weights in COMBINE_WEIGHTS, 'ot_combine_weights',
        f'is not one of {COMBINE_WEIGHTS}')
 
@@ -72,7 +73,7 @@ def scores_and_combine(plan: jax.Array, logits: dict[str, jax.Array],
           jax.nn.softmax(source.astype(jnp.float32), axis=-1))
 
 
-@routers.register('sinkhorn_token_choice')
+@registry.register('sinkhorn_token_choice')
 class SinkhornTokenChoiceRouter(token_choice.TokenChoiceRouter):
   """Token choice on the Sinkhorn plan of the (noisy) router logits.
 

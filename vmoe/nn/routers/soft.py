@@ -20,14 +20,15 @@ import dataclasses
 from flax import nnx
 import jax.numpy as jnp
 
-from pallas_kernels import registry as kernel_registry
-from vmoe.nn import routers
+from vmoe.kernels import registry as kernel_registry
+from vmoe.config import is_int
 from vmoe.nn import routing as rt
 from vmoe.nn.layers import AUX_LOSS_KEY, param
 from vmoe.nn.routers import base
+from vmoe.nn.routers import registry
 
 
-@routers.register('soft')
+@registry.register('soft')
 class SoftRouter(base.Router):
   """Soft MoE slot parameters phi [e, p, d] and the learnable scalar scale.
 
@@ -42,7 +43,7 @@ class SoftRouter(base.Router):
 
   @classmethod
   def validate(cls, c, need):
-    need(c.num_slots is None or (base.is_int(c.num_slots)
+    need(c.num_slots is None or (is_int(c.num_slots)
                                  and c.num_slots >= 1),
          'num_slots', 'must be None or an integer >= 1')
     need(c.num_slots is not None or c.group_size is not None, 'router',

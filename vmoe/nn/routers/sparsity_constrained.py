@@ -29,17 +29,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import registry as kernel_registry
+from vmoe.kernels import registry as kernel_registry
 
+from vmoe.config import is_int, is_number
 from vmoe.nn import optimal_transport as ot
-from vmoe.nn import routers
 from vmoe.nn import routing as rt
 from vmoe.nn.routers import base
+from vmoe.nn.routers import registry
 from vmoe.nn.routers import expert_choice
 from vmoe.nn.routers import sinkhorn_token_choice as stc
 
 
-@routers.register('sparsity_constrained_expert_choice')
+@registry.register('sparsity_constrained_expert_choice')
 class SparsityConstrainedExpertChoiceRouter(expert_choice.ExpertChoiceRouter):
   """Expert choice on the c-sparse OT plan of the softmax gates.
 
@@ -56,9 +57,9 @@ class SparsityConstrainedExpertChoiceRouter(expert_choice.ExpertChoiceRouter):
   def validate(cls, c, need):
     super().validate(c, need)
     stc.validate_combine_weights(c, need)
-    need(base.is_int(c.sparse_ot_steps) and c.sparse_ot_steps >= 1,
+    need(is_int(c.sparse_ot_steps) and c.sparse_ot_steps >= 1,
          'sparse_ot_steps', 'must be an integer >= 1')
-    need(base.is_num(c.sparse_ot_learning_rate)
+    need(is_number(c.sparse_ot_learning_rate)
          and c.sparse_ot_learning_rate > 0, 'sparse_ot_learning_rate',
          'must be a number > 0')
 

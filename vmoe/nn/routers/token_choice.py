@@ -4,18 +4,19 @@ V-MoE (Riquelme et al. 2021, https://arxiv.org/abs/2106.05974): softmax gates
 over experts, top-k per token, a per-expert capacity with the tokens over it
 dropped, optional Batch Priority Routing (tokens served by descending top
 gate, so the least confident are dropped) and noisy gating in training. The
-decision math is `vmoe.nn.routing.token_choice`.
+decision math is `vmoe.nn.routing.token_choice_from_logits`.
 """
 
 from __future__ import annotations
 
-from pallas_kernels import registry as kernel_registry
-from vmoe.nn import routers
+from vmoe.kernels import registry as kernel_registry
+from vmoe.config import is_int
 from vmoe.nn import routing as rt
 from vmoe.nn.routers import base
+from vmoe.nn.routers import registry
 
 
-@routers.register('token_choice')
+@registry.register('token_choice')
 class TokenChoiceRouter(base.GateRouter):
   """Top-k token choice with capacity and optional Batch Priority Routing.
 
@@ -32,7 +33,7 @@ class TokenChoiceRouter(base.GateRouter):
   @classmethod
   def validate(cls, c, need):
     super().validate(c, need)
-    need(base.is_int(c.k) and c.k >= 1, 'k', 'must be an integer >= 1')
+    need(is_int(c.k) and c.k >= 1, 'k', 'must be an integer >= 1')
     need(c.k <= c.num_experts, 'k',
          f'exceeds model.moe.num_experts={c.num_experts}')
     need(isinstance(c.batch_priority, bool), 'batch_priority',
@@ -58,8 +59,9 @@ class TokenChoiceRouter(base.GateRouter):
     return float(self.k)  # at most; dropped pairs are not applied
 
   def decide(self, logits, *, capacity):
-    token_choice = kernel_registry.lookup(self.kernels, 'routing',
-                                          'token_choice', rt.token_choice)
+    token_choice = kernel_registry.lookup(
+        self.kernels, 'routing', 'token_choice_from_logits',
+        rt.token_choice_from_logits)
     return token_choice(logits['noisy'], num_selected=self.k,
                         capacity=capacity,
                         batch_priority=self.batch_priority,

@@ -24,7 +24,7 @@ budget 1 (c = ceil(197 / 32) = 7 slots per expert), with the
 `common.imagenet_recipe` (ImageNet-1k, 300 epochs at batch 4096).
 """
 
-from configs import common
+from vmoe.recipes import common
 
 DIGITS_GROUP = 4 * 17   # 4 images of 16 patches + class token
 DIGITS_EXPERTS = 8

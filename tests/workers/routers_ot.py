@@ -20,9 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from tests.pallas_ep_worker import max_diff
-from tests.test_moe import build, config
-from tests.test_moe import fast_jit as jit
+from tests.helpers import build, max_diff, moe_config
+from tests.helpers import fast_jit as jit
 from vmoe import sharding
 from vmoe.nn import moe
 
@@ -39,7 +38,7 @@ CASES = {
 
 
 def compare(router: str, dispatch: str, mesh_shape: tuple[int, int]) -> dict:
-  layer = build(lambda rngs: moe.MoeLayer(D, H, config=config(
+  layer = build(lambda rngs: moe.MoeLayer(D, H, config=moe_config(
       router=router, num_experts=E, group_size=S, dispatch=dispatch, k=2,
       batch_priority=True, noise_std=0.5, z_loss_weight=0.1), rngs=rngs))
   graphdef, state = nnx.split(layer)

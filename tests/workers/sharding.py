@@ -19,11 +19,11 @@ import sys
 import jax
 import numpy as np
 
-from configs import common
-from tests.conftest import tiny_digits_config
+from tests.helpers import tiny_digits_config
 from vmoe import sharding
+from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.data import pipeline
-from vmoe.train import checkpoint as checkpoint_lib
+from vmoe.recipes import common
 from vmoe.train import trainer
 
 ROUTERS = {

@@ -7,7 +7,7 @@ For token choice (k=2, BPR, router noise), expert choice and Soft MoE, one
 MoE layer's training-mode loss, outputs, metrics and gradients with
 kernels='pallas' on a (data 1, expert 2) mesh, where the routing, dispatch
 and Soft MoE kernels run per device inside the expert-parallel shard_map
-(interpreted: the TPU interpreter, see `pallas_kernels.compat.resolve_for`),
+(interpreted: the TPU interpreter, see `vmoe.kernels.compat.resolve_for`),
 against kernels='xla' on one device. Prints one JSON line prefixed 'RESULT '.
 """
 
@@ -21,17 +21,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from tests.test_moe import build, config
-from tests.test_moe import fast_jit as jit
+from tests.helpers import build, max_diff, moe_config
+from tests.helpers import fast_jit as jit
 from vmoe import sharding
 from vmoe.nn import moe
 
 D, H, E, S = 8, 16, 4, 8
-
-
-def max_diff(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def pallas_calls(jaxpr) -> int:
@@ -48,7 +43,7 @@ def pallas_calls(jaxpr) -> int:
 
 def compare(router: str) -> dict:
   def make(kernels):
-    return build(lambda rngs: moe.MoeLayer(D, H, config=config(
+    return build(lambda rngs: moe.MoeLayer(D, H, config=moe_config(
         router=router, num_experts=E, group_size=S, k=2, batch_priority=True,
         noise_std=0.5, kernels=kernels), rngs=rngs))
   x = jax.random.normal(jax.random.key(1), (4, S, D))   # 4 groups

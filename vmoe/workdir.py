@@ -213,11 +213,12 @@ def _changeable(path: str) -> bool:
 
 
 def default_values() -> dict[str, Any]:
-  """Defaults of every field (configs.common + MoE options), as JSON values.
+  """Defaults of every field (vmoe.recipes.common + MoE options), as JSON
+  values.
 
   A field missing from an older config.json had its default value then.
   """
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from vmoe.recipes import common  # pylint: disable=g-import-not-at-top
   from vmoe.nn import moe  # pylint: disable=g-import-not-at-top
   defaults = json.loads(config_json(common.get_base_config()))
   defaults['model']['moe'] = json.loads(config_json(moe.default_moe_config()))
@@ -286,5 +287,5 @@ def check_resume_config(config: ml_collections.ConfigDict,
   raise ConfigChangedError(
       f'{shown}{more}: the run in --workdir={workdir} was trained with '
       f'other values ({CONFIG_NAME}); on resume only '
-      'vmoe.train.workdir.RESUME_CHANGEABLE may change (steps, frequencies, '
+      'vmoe.workdir.RESUME_CHANGEABLE may change (steps, frequencies, '
       'data_dir, evaluation, mesh); use another --workdir for a new run')
