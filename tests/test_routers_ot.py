@@ -261,6 +261,66 @@ def test_sparsity_constrained_expert_choice_matches_vmoe():
                                  err_msg=f'{steps} steps, cf {cf}')
 
 
+def _metrics(router, clean, noisy, *, train):
+  logits = {'logits': jnp.asarray(clean), 'noisy': jnp.asarray(noisy)}
+  r = router.decide(logits, capacity=router.capacity(S, 1.0))
+  return router.metrics(r, logits, train=train)
+
+
+def test_auxiliary_losses_match_vmoe():
+  """vmoe's Sinkhorn token choice adds the weighted importance loss (clean
+  softmax gates) and, in training with noise, the load loss (clean vs noisy
+  logits), not computed from the plan; its two expert-choice routers return
+  0. vmoe's values are per group, averaged by its trainer as by our
+  metrics."""
+  ref = np.load(DATA / 'ot_aux_losses.npz')
+  cases = json.loads(str(ref['cases']))
+  tc = [c for c in cases if c['router'] == STC]
+  assert len(tc) >= 6 and {c['k'] for c in tc} == {1, 2}
+  for i, case in enumerate(tc):
+    kw = dict(k=case['k'], batch_priority=case['batch_priority'],
+              noise_std=case['noise_std'],
+              importance_loss_weight=case['importance_loss_weight'],
+              load_loss_weight=case['load_loss_weight'],
+              balance_loss_weight=0.5)  # vmoe has no balance loss here
+    clean, noisy = ref['tc_logits'][i], ref['tc_noisy_logits'][i]
+    m = _metrics(_router(STC, **kw), clean, noisy, train=case['train'])
+    msg = case['name']
+    want = ref['tc_auxiliary_loss'][i].mean()
+    np.testing.assert_allclose(m['auxiliary_loss'], want, rtol=1e-5,
+                               atol=1e-7, err_msg=msg)
+    # The components, where vmoe computes them (it reports 0 for a loss
+    # whose weight is 0, and no load loss without noise).
+    for name in ('importance_loss', 'load_loss'):
+      if case[f'{name}_weight'] > 0 and name in case['metric_keys']:
+        np.testing.assert_allclose(m[name], ref[f'tc_{name}'][i].mean(),
+                                   rtol=1e-5, atol=1e-7, err_msg=msg)
+    if not case['train'] or case['noise_std'] == 0:
+      assert float(m['load_loss']) == 0, msg
+    # The z-loss (ours; vmoe has none) adds its weighted value.
+    m_z = _metrics(_router(STC, z_loss_weight=0.1, **kw), clean, noisy,
+                   train=case['train'])
+    np.testing.assert_allclose(
+        m_z['auxiliary_loss'],
+        want + 0.1 * rt.z_loss(jnp.asarray(clean)), rtol=1e-5, atol=1e-7,
+        err_msg=msg)
+  assert any(c['train'] and c['noise_std'] > 0 and c['load_loss_weight'] > 0
+             for c in tc)
+  # Expert choice: vmoe's auxiliary loss is 0; ours too under the same
+  # (token-choice) loss weights, unless the z-loss is asked for.
+  ec = [c for c in cases if c['router'] != STC]
+  assert {c['router'] for c in ec} == {SEC, SCEC}
+  for i, case in enumerate(ec):
+    assert float(ref['ec_auxiliary_loss'][i]) == 0
+    router = _router(case['router'], importance_loss_weight=0.005,
+                     load_loss_weight=0.005, balance_loss_weight=0.5,
+                     noise_std=case['noise_std'])
+    m = _metrics(router, ref['ec_logits'][i], ref['ec_noisy_logits'][i],
+                 train=case['train'])
+    assert float(m['auxiliary_loss']) == 0, case['name']
+    assert float(m['importance_loss']) > 0  # reported all the same
+
+
 # -- layer behaviour --------------------------------------------------------------
 
 
@@ -279,9 +339,14 @@ def test_metrics_losses_noise_and_parameters(router):
 
   (y_train, metrics), (y_eval, _) = run(state, x, jax.random.key(5))
   assert set(metrics) == set(moe.METRIC_KEYS)
-  # Only the z-loss enters (the plan balances the load); all are reported.
-  np.testing.assert_allclose(metrics['auxiliary_loss'],
-                             0.1 * metrics['z_loss'], rtol=1e-6)
+  # As vmoe: Sinkhorn token choice adds the importance and load losses (the
+  # library's weights, 0.005) to the z-loss, expert choice only the z-loss;
+  # all are reported.
+  want = 0.1 * metrics['z_loss']
+  if router == STC:
+    want += 0.005 * (metrics['importance_loss'] + metrics['load_loss'])
+    assert float(metrics['load_loss']) > 0
+  np.testing.assert_allclose(metrics['auxiliary_loss'], want, rtol=1e-6)
   assert float(metrics['importance_loss']) > 0
   np.testing.assert_allclose(jnp.sum(metrics['expert_load']), 1.0, rtol=1e-5)
   # Router noise (1/e by default) in training, none for the sparsity-

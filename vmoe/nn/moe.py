@@ -101,9 +101,10 @@ def default_moe_config() -> ml_collections.ConfigDict:
       same slots per expert). Expert parameters and active FLOPs stay those
       of m = 1; only the router (e * m gates or slot vectors) grows.
     *_loss_weight: weights of the auxiliary losses in `auxiliary_loss`.
-      Importance, load and balance losses balance token choice and only enter
-      its auxiliary loss; the z-loss applies to every router (on the slot
-      logits for Soft MoE). The unweighted values are always reported.
+      Importance and load losses enter the auxiliary loss of token choice and
+      Sinkhorn token choice (as in vmoe), the balance loss that of token
+      choice only; the z-loss applies to every router (on the slot logits for
+      Soft MoE). The unweighted values are always reported.
 
   Router options (each router's `OPTIONS`, `vmoe.nn.routers`), among them:
     k: experts per token (token choice).

@@ -15,8 +15,8 @@ layer (e * c = 136 slots per group of 68 tokens for every router; the shared
 expert counts as one), budget 1 = 1 (72 slots: c = ceil(68 / 8) = 9).
 Router noise and auxiliary losses are the library defaults: noise 1/e for
 the gate routers (none for `sparse_ec`), importance + load losses (0.005
-each) for softmax token choice only; the other routers add only the z-loss
-(weight 0).
+each) for softmax and Sinkhorn token choice; the other routers add only the
+z-loss (weight 0).
 
 ImageNet (`s16`, `b16`): ViT-S/16 or B/16 whose second-half blocks (6-11)
 are MoE layers with 32 experts, one image per routing group (197 tokens),

@@ -25,7 +25,8 @@ class SinkhornExpertChoiceRouter(expert_choice.ExpertChoiceRouter):
   """Expert choice on the Sinkhorn plan, c = ceil(s * capacity_factor / e).
 
   Options: noise_std, sinkhorn_iterations, sinkhorn_mode, ot_combine_weights.
-  Only the z-loss enters its auxiliary loss.
+  Only the z-loss (weight 0 by default) enters its auxiliary loss: vmoe's
+  router returns an auxiliary loss of 0 (tests/data/ot_aux_losses.npz).
   """
   OPTIONS = dict(expert_choice.ExpertChoiceRouter.OPTIONS,
                  **stc.SINKHORN_OPTIONS)

@@ -9,8 +9,19 @@ token, s / e per expert) solved by a fixed number of Sinkhorn iterations
 (the top-k experts and their order, the Batch Priority Routing priority =
 the token's largest plan entry, the capacity drops) is then made on the plan
 instead of the softmax gates, with `vmoe.nn.routing.token_choice_from_gates`.
-The plan is balanced by construction, so by default no auxiliary loss enters
-(as in vmoe; all are reported, the load loss as 0).
+
+Auxiliary loss, as vmoe's router: the importance loss and, in training with
+noise, the load loss of softmax token choice, weighted by `model.moe.
+importance_loss_weight` / `load_loss_weight`, from the softmax gates and
+not from the plan (importance: softmax of the clean logits; load: the clean
+logits against each token's k-th largest noisy logit, the logits the plan
+was computed from, at noise std `noise_std`). vmoe adds no balance loss
+(`balance_loss_weight` is ignored here; it is reported) and no z-loss; the
+z-loss (clean logits) is ours, with weight `z_loss_weight` (0 by default).
+So at z_loss_weight=0 the auxiliary loss is vmoe's
+`KLProjectionNoisyTopExpertsPerItemRouter` with the same weights and its
+noise_std = ours * e (tests/data/ot_aux_losses.npz). vmoe's router defaults
+both weights to 0, ours to the library's 0.005 (the V-MoE configs' values).
 
 Combine weights (`ot_combine_weights`):
   'softmax' (default): the raw softmax gates, over all experts and not
@@ -80,11 +91,12 @@ class SinkhornTokenChoiceRouter(token_choice.TokenChoiceRouter):
   Parameters and options of token choice (gate kernel [e, d], k,
   batch_priority, renormalize_gates, noise_std) plus sinkhorn_iterations
   (20), sinkhorn_mode ('kernel', vmoe's arithmetic | 'log') and
-  ot_combine_weights (see the module docstring). Only the z-loss enters its
-  auxiliary loss.
+  ot_combine_weights (see the module docstring). The importance, load (in
+  training with noise) and z-losses enter its auxiliary loss, not the
+  balance loss, as in vmoe (see the module docstring).
   """
   OPTIONS = dict(token_choice.TokenChoiceRouter.OPTIONS, **SINKHORN_OPTIONS)
-  LOSSES = ('z_loss',)
+  LOSSES = ('importance_loss', 'load_loss', 'z_loss')
   DECISION = rt.TokenChoiceRouting
 
   @classmethod
@@ -115,6 +127,7 @@ class SinkhornTokenChoiceRouter(token_choice.TokenChoiceRouter):
         renormalize=self.renormalize_gates, combine_gates=combine)
 
   def metrics(self, r, logits, *, train):
-    # The common gate metrics (softmax gates): the decision ranked experts by
-    # the plan, not by the gates, so it is not reused as their ranking.
+    # The common gate metrics (softmax gates, not the plan, as vmoe's losses):
+    # the decision ranked experts by the plan, not by the gates, so it is not
+    # reused as their ranking (the load loss thresholds the noisy logits).
     return self.gate_metrics(r, logits, train=train, num_selected=self.k)

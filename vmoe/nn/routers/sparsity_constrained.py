@@ -46,7 +46,9 @@ class SparsityConstrainedExpertChoiceRouter(expert_choice.ExpertChoiceRouter):
 
   Options: sparse_ot_steps (20), sparse_ot_learning_rate (1e-2),
   ot_combine_weights ('softmax' | 'clean_softmax' | 'plan'), noise_std (None
-  = no noise). Only the z-loss enters its auxiliary loss.
+  = no noise). Only the z-loss (weight 0 by default) enters its auxiliary
+  loss: vmoe's router returns an auxiliary loss of 0
+  (tests/data/ot_aux_losses.npz).
   """
   OPTIONS = dict(expert_choice.ExpertChoiceRouter.OPTIONS,
                  ot_combine_weights='softmax', sparse_ot_steps=20,
