@@ -11,6 +11,7 @@ is checked on a few cases with real `main.py` processes.
 
 import errno
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -344,8 +345,37 @@ def test_config_comparison_rules():
   assert defaults['optimizer']['name'] == 'adamw'
 
 
-def test_unreadable_config_json(digits_data_dir, workdir, monkeypatch):
+def _strip_records(workdir) -> None:
+  """Makes the checkpoints of `workdir` look written before checkpoints
+  recorded digests, config and evaluations."""
+  for path in pathlib.Path(workdir).glob('checkpoints/*/_CHECKPOINT_METADATA'):
+    meta = json.loads(path.read_text())
+    meta.pop('custom_metadata', None)
+    path.write_text(json.dumps(meta))
+
+
+def test_the_checkpoints_config_decides_not_config_json(
+    digits_data_dir, workdir, monkeypatch):
+  """Deleting or breaking config.json unlocks nothing: each checkpoint
+  records the config (config.json is a readable copy)."""
   _no_model(monkeypatch)
+  changed = _config(digits_data_dir, seed=1,
+                    **{'optimizer.learning_rate': 0.01})
+  for damage in ('delete', 'garbage'):
+    if damage == 'delete':
+      (workdir / 'config.json').unlink()
+    else:
+      (workdir / 'config.json').write_text('{"seed": ')
+    _user_error(changed, workdir, 'config.optimizer.learning_rate=0.01 (was '
+                '0.003), config.seed=1 (was 0)',
+                '(the config recorded by checkpoint 4)')
+
+
+def test_unreadable_config_json_of_older_checkpoints(digits_data_dir, workdir,
+                                                     monkeypatch):
+  """Checkpoints without a record: config.json is the run's config."""
+  _no_model(monkeypatch)
+  _strip_records(workdir)
   (workdir / 'config.json').write_text('{"seed": ')
   _user_error(_config(digits_data_dir), workdir,
               f'{workdir / "config.json"} cannot be read')
@@ -413,7 +443,7 @@ def test_corrupt_latest_checkpoint_falls_back(experiment, workdir, capsys,
   ckpt = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'),
                                      max_to_keep=3)
   try:
-    state, step = trainer._restore_newest(ckpt, experiment, True)  # pylint: disable=protected-access
+    state, step, _ = trainer._restore_newest(ckpt, experiment, True)  # pylint: disable=protected-access
     assert ckpt.all_steps() == [2]
   finally:
     ckpt.close()
@@ -442,8 +472,10 @@ def test_no_checkpoint_restores(digits_data_dir, workdir):
 
 
 def test_other_model_in_checkpoint_is_not_corruption(digits_data_dir, workdir):
-  """Without config.json only the stored shapes can tell: an error that names
-  them, and no checkpoint is set aside."""
+  """Without a recorded config (older checkpoints, no config.json) only the
+  stored shapes can tell: an error that names them, and no checkpoint is set
+  aside."""
+  _strip_records(workdir)
   (workdir / 'config.json').unlink()
   _user_error(_config(digits_data_dir, **{'model.variant': 'mu/4'}), workdir,
               'checkpoint 4 in', 'holds another model or optimizer',
