@@ -159,6 +159,13 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
   _check(is_number(sched.end_lr_fraction) and 0 <= sched.end_lr_fraction <= 1,
          'schedule.end_lr_fraction', sched.end_lr_fraction, 'must be in [0, 1]')
 
+  # Data fields the pipeline reads as they are (its own checks are of the
+  # preprocessing and the data itself).
+  shuffle = config.dataset.get('shuffle_buffer', None)
+  _check(shuffle is None or (is_int(shuffle) and shuffle >= 1),
+         'dataset.shuffle_buffer', shuffle,
+         'must be an integer >= 1 (examples shuffled at a time; 1: none)')
+
   # Preprocessing.
   try:
     preprocess_config.check_preprocess(config.preprocess)
