@@ -30,6 +30,7 @@ LAYERS = (
     ('vmoe.analysis', 7),
     ('vmoe.evaluate', 8),
     ('vmoe.predict', 8),
+    ('vmoe.export', 8),
     ('vmoe', 9),  # the package itself and anything new: flagged below
 )
 # Kernels implement the routing decision types of vmoe.nn.routing.

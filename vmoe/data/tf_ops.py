@@ -49,7 +49,8 @@ def normalise(image, value_range) -> tf.Tensor:
 
 
 def train_image(image, key, pp) -> tf.Tensor:
-  """uint8 [h, w, c] -> augmented float32 [S, S, c] (stateless, seeded by key)."""
+  """uint8 [h, w, c] -> augmented float32 [S, S, c] (stateless, seeded by
+  key): crop, flip, RandAugment (`pp.randaug`)."""
   size = pp.image_size
   crop_key, flip_key = tf.unstack(
       tf.random.experimental.stateless_split(key, 2))
@@ -74,6 +75,15 @@ def train_image(image, key, pp) -> tf.Tensor:
     image = resize(image, [size, size], pp)
   if pp.get('flip', False):
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+  randaug = pp.get('randaug', None)
+  if randaug:
+    from vmoe.data import randaug_tf  # pylint: disable=g-import-not-at-top
+    # On the uint8 crop, as big_vision (its crop casts back to uint8); its own
+    # key, so that the crop and flip draws stay those of runs without it.
+    image = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+    image = tf.cast(randaug_tf.randaugment(
+        image, tf.random.experimental.stateless_fold_in(key, 2),
+        num_layers=randaug[0], magnitude=randaug[1]), tf.float32)
   return image
 
 

@@ -399,13 +399,13 @@ def _read_split(builder, split, dataset_cfg):
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def eval_image(image, pp) -> np.ndarray:
+def eval_image_tf(image, pp) -> np.ndarray:
   """Encoded image bytes (JPEG/PNG/...) or a uint8 [h, w, c] array -> float32
   [S, S, C] preprocessed exactly as the eval split (decode, resize the short
   side, central crop, value_range); pp: config.preprocess."""
   base.check_preprocess(pp)
-  image = tf_ops.eval_image(tf_ops.decode(tf.convert_to_tensor(image), pp.num_channels),
-                      pp)
+  image = tf_ops.eval_image(
+      tf_ops.decode(tf.convert_to_tensor(image), pp.num_channels), pp)
   return tf_ops.normalise(image, pp.value_range).numpy()
 
 
@@ -562,3 +562,42 @@ def eval_iterator(config, *, process_index: int = 0,
   ds = ds.concatenate(padding).batch(b, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(tf_ops.options())
   return _as_numpy(ds, builder, dcfg.eval_split, 'config.dataset.eval_split')
+
+
+class TfdsSource(base.Source):
+  """A prepared TFDS dataset (`config.dataset.name` in `data_dir`)."""
+
+  FIELDS = ('download', 'cache', 'shuffle_buffer', 'image_key',
+            'label_key')
+
+  def prepare(self) -> None:
+    prepare_dataset(self.dataset_cfg)
+
+  def num_classes(self) -> int:
+    return num_classes(self.dataset_cfg)
+
+  def num_examples(self, split: str) -> int:
+    return num_examples(self.dataset_cfg, split)
+
+  def label_names(self) -> list[str] | None:
+    builder = prepare_dataset(self.dataset_cfg)
+    feature = builder.info.features[self.dataset_cfg.get('label_key',
+                                                         'label')]
+    return list(feature.names) if hasattr(feature, 'names') else None
+
+  def check(self, config, *, process_count: int) -> None:
+    check_data(config, process_count=process_count)
+
+  def train_iterator(self, config, *, start_step: int, process_index: int,
+                     process_count: int):
+    return train_iterator(config, start_step=start_step,
+                          process_index=process_index,
+                          process_count=process_count)
+
+  def num_eval_batches(self, config, *, process_count: int) -> int:
+    return num_eval_batches(config, process_count=process_count)
+
+  def eval_iterator(self, config, *, process_index: int,
+                    process_count: int):
+    return eval_iterator(config, process_index=process_index,
+                         process_count=process_count)
