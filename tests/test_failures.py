@@ -96,6 +96,7 @@ def workdir(trained, tmp_path):
 
 def _data_copy(digits_data_dir, tmp_path) -> tuple[str, dict[str, str]]:
   """A copy of the digits data_dir and its {split: tfrecord path}."""
+  pytest.importorskip('tensorflow_datasets')
   data_dir = tmp_path / 'tfds'
   shutil.copytree(digits_data_dir, data_dir)
   files = {}
