@@ -80,6 +80,16 @@ class ArraysSource(random_access.RandomAccessSource):
                       f'{labels.shape} are not [n, h, w(, c)] and [n]')
     return _ArrayRecords(images, labels)
 
+  def check_source(self, config) -> None:
+    k = self.num_classes()
+    for split in self.split_names():
+      labels = self._arrays()[f'{split}_label']
+      bad = labels[(labels < 0) | (labels >= k)]
+      if bad.size:
+        raise DataError(
+            f'config.dataset.name={self.dataset_cfg.get("name")!r}: '
+            f'{split}_label holds {int(bad[0])}, not a class in [0, {k})')
+
   def num_classes(self) -> int:
     arrays = self._arrays()
     if 'num_classes' in arrays:

@@ -112,9 +112,10 @@ class _Subset(Records):
 
 
 class RandomAccessSource(base.Source):
-  """A source whose splits are `Records`; subclasses implement `records`,
-  `num_classes` (and `label_names`), and set DECODES_IMAGES when records are
-  encoded files (then grain's threads do the per-example work)."""
+  """A source whose splits are `Records`. Subclasses implement `split_names`,
+  `split_records`, `num_classes` (and `label_names`, `check_source`), and set
+  DECODES_IMAGES when records are encoded files (then grain's threads do the
+  per-example work)."""
 
   DECODES_IMAGES = False
   # Any shuffle_buffer is accepted: every epoch is a full shuffle, at least
