@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tests.helpers import set_fields
 from vmoe.data import base
 from vmoe.data import embedded
 from vmoe.data import pipeline
@@ -46,12 +47,7 @@ def _config(source: str, data_dir: str, **overrides):
                          crop_scale=(0.5, 1.0), flip=True,
                          value_range=(-1.0, 1.0), mixup_alpha=0.0,
                          resize_method='bilinear', randaug=None)})
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_fields(config, overrides)
   return config
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import REPO, fast_jit
+from tests.helpers import REPO, fixture_vit_config, imported_logits
 from vmoe import checkpoints
 from vmoe import export
 from vmoe.checkpoints import big_vision
@@ -21,30 +21,11 @@ from vmoe.nn import vit
 
 DATA = os.path.join(REPO, 'tests', 'data')
 EXPECTED = np.load(os.path.join(DATA, 'big_vision_vit_expected.npz'))
+IMAGES = EXPECTED['images']
 FILES = {'vit_tok': ('big_vision_vit_tok.npz', dict()),
          'gap': ('big_vision_vit_gap.npz', dict(variant='S/8', depth=1,
                                                  pool='gap')),
          'tok_bv': ('big_vision_vit_tok_bv.npz', dict(depth=1))}
-
-
-def _model_config(**kw):
-  cfg = ml_collections.ConfigDict(dict(
-      variant='S/4', width=32, depth=2, mlp_dim=64, num_heads=2, pool='tok',
-      gelu='tanh', moe=None))
-  cfg.update(kw)
-  return cfg
-
-
-def _logits(source, model_cfg):
-  abstract = nnx.eval_shape(lambda: vit.create_model(
-      model_cfg, num_classes=5, image_size=16, num_channels=3,
-      rngs=nnx.Rngs(0)))
-  graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-  params = checkpoints.import_params(source, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  logits, _ = fast_jit(lambda st, x: nnx.merge(graphdef, st, rest)(x))(
-      state, jnp.asarray(EXPECTED['images']))
-  return np.asarray(logits)
 
 
 @pytest.mark.parametrize('name', ['gap', 'tok_bv'])
@@ -70,10 +51,10 @@ def test_exported_npz_reads_back_to_the_same_logits(name, tmp_path):
   export.export(source.params, 'big_vision', out)
   again = checkpoints.read(out)
   assert again.format == 'big_vision'
-  model_cfg = _model_config(**model_kw)
-  np.testing.assert_allclose(_logits(again, model_cfg),
-                             _logits(source, model_cfg), rtol=0, atol=1e-6)
-  np.testing.assert_allclose(_logits(again, model_cfg),
+  model_cfg = fixture_vit_config(**model_kw)
+  np.testing.assert_allclose(imported_logits(again, model_cfg, IMAGES),
+                             imported_logits(source, model_cfg, IMAGES), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(imported_logits(again, model_cfg, IMAGES),
                              EXPECTED[f'{name}/logits'], rtol=0, atol=1e-5)
   if name == 'vit_tok':
     assert np.abs(source.params['pos_embedding'][:, 0]).max() > 0

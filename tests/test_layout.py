@@ -133,6 +133,25 @@ def test_no_import_circle():
   assert not circles, f'import circles: {circles}'
 
 
+FIRST_PARTY = ('configs', 'pallas_kernels', 'bench', 'tests', 'main')
+
+
+def test_the_library_imports_no_experiment_or_test_code():
+  """vmoe/ imports none of the repository's other top-level code (configs
+  are files loaded by path; the kernels are vmoe.kernels)."""
+  found = []
+  for name, path in _modules().items():
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ''] if isinstance(node, ast.ImportFrom)
+                 and not node.level else [])
+      found += [f'{name} -> {t}' for t in targets
+                if t.split('.')[0] in FIRST_PARTY]
+  assert not found, found
+
+
 def test_imports_point_down():
   upward = []
   for module, imported in sorted(_graph().items()):

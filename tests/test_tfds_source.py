@@ -16,6 +16,7 @@ tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 
 from etils import epath  # pylint: disable=g-bad-import-order,g-import-not-at-top
+from tests.helpers import set_fields  # pylint: disable=g-import-not-at-top
 from vmoe.data import digits  # pylint: disable=g-import-not-at-top
 from vmoe.data import embedded  # pylint: disable=g-import-not-at-top
 from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -54,12 +55,7 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
           'resize_method': 'bilinear',
       },
   })
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_fields(config, overrides)
   return config
 
 

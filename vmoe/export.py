@@ -38,6 +38,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from vmoe import config
 from vmoe.checkpoints.source import CheckpointError
 
 FORMATS = ('big_vision', 'safetensors')
@@ -161,9 +162,11 @@ def safetensors_map(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def write_safetensors(flat: dict[str, np.ndarray], path: str) -> None:
   """`path` (safetensors) and `path`.json (the map of names)."""
-  from vmoe.data import base  # pylint: disable=g-import-not-at-top
-  numpy_io = base.require('safetensors.numpy', 'safetensors',
-                          '--format=safetensors')
+  try:
+    numpy_io = config.require('safetensors.numpy', 'safetensors',
+                              '--format=safetensors')
+  except config.MissingPackageError as e:
+    raise ExportError(str(e)) from None
   tensors = {k: np.ascontiguousarray(v) for k, v in flat.items()}
   _write_atomically(path, lambda f: f.write(numpy_io.save(tensors)))
   text = json.dumps(safetensors_map(flat), indent=1)

@@ -152,6 +152,8 @@ def retarget(config: ml_collections.ConfigDict, dataset: str, *,
   the active compute per token is unchanged. Natural images get random
   horizontal flips.
   """
+  from vmoe.data import base  # pylint: disable=g-import-not-at-top
+  base.source_class('tfds')  # one line naming the pip install without TFDS
   from vmoe.data import tfds_source  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.dataset.source = 'tfds'

@@ -71,9 +71,13 @@ class ArraysSource(random_access.RandomAccessSource):
     return [k[:-len('_label')] for k in arrays
             if k.endswith('_label') and k[:-len('_label')] + '_image' in arrays]
 
-  def split_records(self, split: str) -> random_access.Records:
+  def split_records(self, split: str, pp=None) -> random_access.Records:
+    del pp  # stored records have their own shape
     arrays = self._arrays()
     images, labels = arrays[f'{split}_image'], arrays[f'{split}_label']
+    if images.dtype != np.uint8:
+      raise DataError(f'config.dataset.name={self.dataset_cfg.get("name")!r}: '
+                      f'{split}_image is {images.dtype}, not uint8')
     if len(images) != len(labels) or images.ndim not in (3, 4):
       raise DataError(f'config.dataset.name={self.dataset_cfg.get("name")!r}: '
                       f'{split}_image {images.shape} and {split}_label '

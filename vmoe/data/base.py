@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from vmoe import config as config_lib
 from vmoe.data import preprocess_config
 
 Batch = dict[str, np.ndarray]
@@ -40,25 +41,23 @@ class DatasetNotFoundError(DataError):
   """A dataset is unknown or not prepared in `data_dir` (one-line message)."""
 
 
-class MissingPackageError(DataError):
-  """An optional package a source needs is not installed (one line naming
-  the `pip install` that fixes it)."""
+class MissingPackageError(DataError, config_lib.MissingPackageError):
+  """A package a data source needs is not installed (one line naming the
+  `pip install` that fixes it)."""
 
 
 def require(module: str, pip: str, what: str) -> Any:
   """`import module`, or MissingPackageError naming `pip install <pip>`."""
   try:
-    return importlib.import_module(module)
-  except ImportError:
-    raise MissingPackageError(
-        f'{what} needs the package {pip!r}, which is not installed: '
-        f'pip install {pip}') from None
+    return config_lib.require(module, pip, what)
+  except config_lib.MissingPackageError as e:
+    raise MissingPackageError(str(e)) from None
 
 
 def local_batch(global_batch: int, process_count: int, field: str) -> int:
   """This process's share of a global batch size (DataError naming `field`
   unless it divides)."""
-  if not isinstance(global_batch, int) or global_batch <= 0:
+  if not config_lib.is_int(global_batch) or global_batch <= 0:
     raise DataError(f'{field}={global_batch!r} must be a positive integer')
   if global_batch % process_count:
     raise DataError(f'{field}={global_batch} is not divisible by the number '
@@ -70,6 +69,23 @@ def check_process(process_index: int, process_count: int) -> None:
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in '
                      f'[0, process_count={process_count})')
+
+
+def stream_batch(config, field: str, process_index: int, process_count: int,
+                 start_step: int = 0) -> int:
+  """The checks of every iterator; returns the local batch of `field`
+  ('batch_size' or 'eval_batch_size')."""
+  check_process(process_index, process_count)
+  b = local_batch(config[field], process_count, f'config.{field}')
+  if not isinstance(start_step, int) or start_step < 0:
+    raise ValueError(f'start_step={start_step!r} must be a non-negative int')
+  check_preprocess(config.preprocess)
+  return b
+
+
+# Stream tags folded into the seed so that the shuffle, augmentation and
+# mixup random streams of a source are independent of each other.
+SHUFFLE, AUGMENT, MIXUP = 0, 1, 2
 
 
 def check_preprocess(pp) -> None:
@@ -155,9 +171,17 @@ def source_name(dataset_cfg) -> str:
   return name
 
 
+# What each source needs beyond the core dependencies.
+TFDS_PIP = "'vmoe[tfds]'"  # tensorflow and tensorflow-datasets
+_NEEDS = {'tfds': ('tensorflow_datasets', TFDS_PIP)}
+
+
 def source_class(name: str) -> type[Source]:
   target = _REGISTRY[name]
   if isinstance(target, str):
+    if name in _NEEDS:
+      require(_NEEDS[name][0], _NEEDS[name][1],
+              f'config.dataset.source={name!r}')
     module, _, attr = target.partition(':')
     target = _REGISTRY[name] = getattr(importlib.import_module(module), attr)
   return target

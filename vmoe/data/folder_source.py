@@ -10,8 +10,9 @@ read with grain.
 
 Classes are the sorted sub-folder names of the training split, labels their
 indices; an evaluation split may hold a subset of them. Files (JPEG, PNG,
-GIF, BMP; any case) are listed once and sorted by (class, file name), so the
-record order, and with it the whole stream, is deterministic. Images are
+GIF, BMP; any case) are listed once, in an order fixed by a hash of their
+class and file name: deterministic, and mixing the classes, so that a slice
+('train[:99%]') or a process's share holds every class. Images are
 decoded with PIL and preprocessed by `vmoe.data.np_ops`, the per-example
 work running in grain's thread pool (`vmoe.data.random_access`); splits are
 sliced like TFDS ('train[:99%]').
@@ -20,27 +21,38 @@ sliced like TFDS ('train[:99%]').
 from __future__ import annotations
 
 import functools
+import hashlib
 
 from etils import epath
 
+from vmoe.config import is_int
 from vmoe.data import random_access
 from vmoe.data.base import DataError, DatasetNotFoundError
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 
 
+def _mixed_order(name: str, path: epath.Path) -> bytes:
+  return hashlib.sha1(f'{name}/{path.name}'.encode()).digest()
+
+
 @functools.lru_cache(maxsize=16)
 def _list(root: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-  """(class names, ((class, path), ...)) of a split folder, sorted."""
+  """(sorted class names, ((class, path), ...)) of a split folder. Files are
+  in a fixed order that mixes the classes (by a hash of class/file name,
+  as TFDS stores records), so that slices ('train[:99%]') and process
+  shares hold every class."""
   classes, files = [], []
   for folder in sorted(epath.Path(root).iterdir(), key=lambda p: p.name):
     if not folder.is_dir():
       continue
     classes.append(folder.name)
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+    for path in folder.iterdir():
       if path.suffix.lower() in EXTENSIONS:
-        files.append((folder.name, str(path)))
-  return tuple(classes), tuple(files)
+        files.append((_mixed_order(folder.name, path), folder.name,
+                      str(path)))
+  files.sort()
+  return tuple(classes), tuple((name, path) for _, name, path in files)
 
 
 class _FileRecords(random_access.Records):
@@ -91,9 +103,12 @@ class FolderSource(random_access.RandomAccessSource):
 
   @functools.cached_property
   def classes(self) -> tuple[str, ...]:
+    field = 'config.dataset.train_split'
     split, _, _ = random_access.parse_split(
-        self.dataset_cfg.get('train_split', 'train'),
-        'config.dataset.train_split')
+        self.dataset_cfg.get('train_split', 'train'), field)
+    if split not in self.split_names():
+      raise DataError(f'{field}={split!r} is not a folder of {self._root()} '
+                      f'(splits: {", ".join(sorted(self.split_names()))})')
     classes, _ = _list(self._split_dir(split))
     if not classes:
       raise DataError(f'{self._split_dir(split)} holds no class folders')
@@ -108,7 +123,8 @@ class FolderSource(random_access.RandomAccessSource):
   def label_names(self) -> list[str]:
     return list(self.classes)
 
-  def split_records(self, split: str) -> random_access.Records:
+  def split_records(self, split: str, pp=None) -> random_access.Records:
+    del pp  # stored records have their own shape
     classes, files = _list(self._split_dir(split))
     index = {name: i for i, name in enumerate(self.classes)}
     unknown = [c for c in classes if c not in index]
@@ -119,7 +135,7 @@ class FolderSource(random_access.RandomAccessSource):
 
   def check_source(self, config) -> None:
     workers = config.dataset.get('num_workers', 0)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+    if not is_int(workers) or workers < 0:
       raise DataError(f'config.dataset.num_workers={workers!r} must be an '
                       'integer >= 0 (0: 8 threads)')
     from vmoe.data import base  # pylint: disable=g-import-not-at-top

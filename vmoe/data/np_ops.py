@@ -38,7 +38,9 @@ def example_rng(seed: int, *key: int) -> np.random.Generator:
 
 def decode(image: Any, num_channels: int) -> np.ndarray:
   """Encoded bytes (JPEG/PNG/GIF/BMP) or a uint8 [h, w, c] array -> uint8
-  [h, w, num_channels] (grayscale <-> RGB converted as tf_ops.decode does)."""
+  [h, w, num_channels]: gray (c 1 or 2, alpha dropped) is repeated to RGB,
+  RGB(A) becomes TF's grayscale, an alpha channel is dropped (as
+  tf_ops.decode). ValueError for other dtypes or channel counts."""
   if isinstance(image, (bytes, bytearray, memoryview)):
     from PIL import Image  # pylint: disable=g-import-not-at-top
     with Image.open(io.BytesIO(bytes(image))) as img:
@@ -49,14 +51,17 @@ def decode(image: Any, num_channels: int) -> np.ndarray:
   if image.ndim == 2:
     image = image[..., None]
   if image.dtype != np.uint8:
-    image = image.astype(np.uint8)
+    raise ValueError(f'images must be uint8, not {image.dtype}')
   c = image.shape[-1]
-  if c == num_channels:
-    return image
-  if c == 1:
-    return np.repeat(image, num_channels, axis=-1)
-  gray = image[..., :3].astype(np.float32) @ _GRAY
-  return np.round(gray).astype(np.uint8)[..., None]
+  if c not in (1, 2, 3, 4):
+    raise ValueError(f'images have {c} channels, not 1-4')
+  image = image[..., :1] if c in (1, 2) else image[..., :3]
+  if num_channels == 3 and c in (1, 2):
+    return np.repeat(image, 3, axis=-1)
+  if num_channels == 1 and c in (3, 4):
+    gray = image.astype(np.float32) @ _GRAY
+    return np.round(gray).astype(np.uint8)[..., None]
+  return image
 
 
 def _source_coords(out_size: int, in_size: int) -> np.ndarray:
@@ -92,9 +97,7 @@ def resize(image: np.ndarray, size: tuple[int, int],
   if method == 'nearest':
     return image[_nearest_axis(out_h, h)][:, _nearest_axis(out_w, w)]
   if method != 'bilinear':
-    raise ValueError(f'config.preprocess.resize_method={method!r} has no numpy '
-                     f'implementation (one of {RESIZE_METHODS}); use '
-                     "config.dataset.source='tfds'")
+    raise ValueError(_no_numpy('resize_method', method))
   top, bottom, dy = _bilinear_axis(out_h, h)
   left, right, dx = _bilinear_axis(out_w, w)
   rows_top, rows_bottom = image[top], image[bottom]
@@ -221,13 +224,16 @@ def mixup(batch: dict[str, np.ndarray], rng: np.random.Generator,
   return dict(batch, image=mix(batch['image']), labels=mix(batch['labels']))
 
 
-def check_supported(pp, field_prefix: str = 'config.preprocess') -> None:
+def _no_numpy(field: str, value: Any) -> str:
+  choices = f' (one of {RESIZE_METHODS})' if field == 'resize_method' else ''
+  return (f'config.preprocess.{field}={value!r} has no numpy implementation'
+          f"{choices}; use config.dataset.source='tfds'")
+
+
+def check_supported(pp) -> None:
   """ValueError (one line) for preprocessing these ops cannot do."""
   method = pp.get('resize_method', 'bilinear')
   if method not in RESIZE_METHODS:
-    raise ValueError(f'{field_prefix}.resize_method={method!r} has no numpy '
-                     f'implementation (one of {RESIZE_METHODS}); use '
-                     "config.dataset.source='tfds'")
+    raise ValueError(_no_numpy('resize_method', method))
   if pp.get('antialias', False):
-    raise ValueError(f'{field_prefix}.antialias=True has no numpy '
-                     "implementation; use config.dataset.source='tfds'")
+    raise ValueError(_no_numpy('antialias', True))

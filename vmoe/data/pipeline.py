@@ -120,7 +120,7 @@ def eval_image(image, pp) -> np.ndarray:
   try:
     np_ops.check_supported(pp)
   except ValueError as e:  # e.g. a bicubic resize: TensorFlow's
-    base.require('tensorflow', 'tensorflow', str(e).split(';')[0])
+    base.require('tensorflow_datasets', base.TFDS_PIP, str(e).split(';')[0])
     from vmoe.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.eval_image_tf(image, pp)
   image = np_ops.eval_image(np_ops.decode(image, pp.num_channels), pp)

@@ -169,31 +169,44 @@ def project(image: np.ndarray, transform) -> np.ndarray:
   return out
 
 
-def translate_x(image, pixels):
-  return project(image, (1, 0, pixels, 0, 1, 0))
+def geometric_transform(op: str, value, height, width, cos=np.cos,
+                        sin=np.sin) -> tuple:
+  """(a0, a1, a2, b0, b1, b2) of `project` for the geometric op at `value`
+  (pixels, shear level or degrees; rotation counter-clockwise about the
+  centre ((w-1)/2, (h-1)/2)). float32 arithmetic on numpy scalars, or on TF
+  tensors with cos / sin = tf.cos / tf.sin (randaug_tf)."""
+  if op == 'TranslateX':
+    return (1, 0, value, 0, 1, 0)
+  if op == 'TranslateY':
+    return (1, 0, 0, 0, 1, value)
+  if op == 'ShearX':
+    return (1, value, 0, 0, 1, 0)
+  if op == 'ShearY':
+    return (1, 0, 0, value, 1, 0)
+  if op != 'Rotate':
+    raise ValueError(f'{op!r} is not a geometric op')
+  rad = value * F32(math.pi / 180.0)
+  c, s = cos(rad), sin(rad)
+  wm1, hm1 = width - 1, height - 1
+  x_offset = (wm1 - (c * wm1 - s * hm1)) / 2
+  y_offset = (hm1 - (s * wm1 + c * hm1)) / 2
+  return (c, -s, x_offset, s, c, y_offset)
 
 
-def translate_y(image, pixels):
-  return project(image, (1, 0, 0, 0, 1, pixels))
+def _geometric(op: str):
+  def apply(image, value):
+    h, w = image.shape[:2]
+    return project(image, geometric_transform(op, F32(value), F32(h),
+                                              F32(w)))
+  apply.__name__ = op
+  return apply
 
 
-def shear_x(image, level):
-  return project(image, (1, level, 0, 0, 1, 0))
-
-
-def shear_y(image, level):
-  return project(image, (1, 0, 0, level, 1, 0))
-
-
-def rotate(image, degrees):
-  """Counter-clockwise about the centre ((w-1)/2, (h-1)/2)."""
-  h, w = image.shape[:2]
-  rad = F32(degrees) * F32(math.pi / 180.0)
-  c, s = np.cos(rad, dtype=F32), np.sin(rad, dtype=F32)
-  wm1, hm1 = F32(w - 1), F32(h - 1)
-  x_offset = (wm1 - (c * wm1 - s * hm1)) / F32(2)
-  y_offset = (hm1 - (s * wm1 + c * hm1)) / F32(2)
-  return project(image, (c, -s, x_offset, s, c, y_offset))
+translate_x = _geometric('TranslateX')
+translate_y = _geometric('TranslateY')
+shear_x = _geometric('ShearX')
+shear_y = _geometric('ShearY')
+rotate = _geometric('Rotate')
 
 
 def cutout(image, pad, center_y, center_x):

@@ -143,32 +143,21 @@ def project(image, transform):
   return tf.where(inside, out[..., :3], tf.constant(REPLACE, tf.uint8))
 
 
-def translate_x(image, pixels):
-  return project(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
+def _geometric(op: str):
+  def apply(image, value):
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    return project(image, randaug_np.geometric_transform(
+        op, tf.cast(value, tf.float32), h, w, cos=tf.cos, sin=tf.sin))
+  apply.__name__ = op
+  return apply
 
 
-def translate_y(image, pixels):
-  return project(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
-
-
-def shear_x(image, level):
-  return project(image, (1.0, level, 0.0, 0.0, 1.0, 0.0))
-
-
-def shear_y(image, level):
-  return project(image, (1.0, 0.0, 0.0, level, 1.0, 0.0))
-
-
-def rotate(image, degrees):
-  h = tf.cast(tf.shape(image)[0], tf.float32)
-  w = tf.cast(tf.shape(image)[1], tf.float32)
-  rad = tf.cast(degrees, tf.float32) * tf.constant(math.pi / 180.0,
-                                                   tf.float32)
-  c, s = tf.cos(rad), tf.sin(rad)
-  wm1, hm1 = w - 1.0, h - 1.0
-  x_offset = (wm1 - (c * wm1 - s * hm1)) / 2.0
-  y_offset = (hm1 - (s * wm1 + c * hm1)) / 2.0
-  return project(image, (c, -s, x_offset, s, c, y_offset))
+translate_x = _geometric('TranslateX')
+translate_y = _geometric('TranslateY')
+shear_x = _geometric('ShearX')
+shear_y = _geometric('ShearY')
+rotate = _geometric('Rotate')
 
 
 def cutout(image, pad, center_y, center_x):

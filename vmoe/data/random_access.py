@@ -41,10 +41,7 @@ from vmoe.data import base
 from vmoe.data import np_ops
 from vmoe.data.base import Batch, DataError
 
-# Stream tags folded into the seed so the shuffle, augmentation and mixup
-# random streams are independent of each other.
-_SHUFFLE, _AUGMENT, _MIXUP = 0, 1, 2
-_SPLIT = re.compile(r'^([\w\-]+)(?:\[(-?\d*%?):(-?\d*%?)\])?$')
+_SPLIT = re.compile(r'^([\w\-]+)(?:\[((?:-?\d+%?)?):((?:-?\d+%?)?)\])?$')
 
 
 def parse_split(split: str, field: str) -> tuple[str, str | None, str | None]:
@@ -126,9 +123,10 @@ class RandomAccessSource(base.Source):
     """The splits the data has."""
     raise NotImplementedError
 
-  def split_records(self, split: str) -> Records:
+  def split_records(self, split: str, pp=None) -> Records:
     """All records of the split called `split` (one of `split_names`; no
-    slicing)."""
+    slicing); pp: config.preprocess of the reader, None when only counting
+    (generated records take their shape from it)."""
     raise NotImplementedError
 
   def check_source(self, config) -> None:
@@ -136,14 +134,14 @@ class RandomAccessSource(base.Source):
 
   # -- the Source interface ---------------------------------------------------
 
-  def records(self, split: str, field: str = 'split') -> Records:
+  def records(self, split: str, field: str = 'split', pp=None) -> Records:
     name, _, _ = parse_split(split, field)
     names = self.split_names()
     if name not in names:
       raise DataError(f'{field}={split!r} is not a split of '
                       f'config.dataset.name={self.dataset_cfg.get("name")!r} '
                       f'(splits: {", ".join(sorted(names))})')
-    whole = self.split_records(name)
+    whole = self.split_records(name, pp)
     return _Subset(whole, slice_range(split, len(whole), field))
 
   def num_examples(self, split: str) -> int:
@@ -163,7 +161,7 @@ class RandomAccessSource(base.Source):
     dcfg = config.dataset
     for field, split in (('config.dataset.train_split', dcfg.train_split),
                          ('config.dataset.eval_split', dcfg.eval_split)):
-      records = self.records(split, field)
+      records = self.records(split, field, config.preprocess)
       if len(records) == 0:
         raise DataError(f'{field}={split!r} has no examples')
       _, label = records.read(0)
@@ -179,15 +177,11 @@ class RandomAccessSource(base.Source):
 
   def train_iterator(self, config, *, start_step: int, process_index: int,
                      process_count: int) -> Iterator[Batch]:
-    base.check_process(process_index, process_count)
-    b = base.local_batch(config.batch_size, process_count,
-                         'config.batch_size')
-    if not isinstance(start_step, int) or start_step < 0:
-      raise ValueError(f'start_step={start_step!r} must be a non-negative int')
+    b = base.stream_batch(config, 'batch_size', process_index,
+                          process_count, start_step)
     pp = config.preprocess
-    base.check_preprocess(pp)
     records = self.records(config.dataset.train_split,
-                           'config.dataset.train_split')
+                           'config.dataset.train_split', pp)
     share = _Subset(records, process_share(len(records), process_index,
                                            process_count))
     if not len(share):
@@ -203,7 +197,7 @@ class RandomAccessSource(base.Source):
       batch = _stack(examples, self.num_classes())
       if alpha > 0:
         batch = np_ops.mixup(batch, np_ops.example_rng(
-            config.seed, _MIXUP, process_index, step), alpha)
+            config.seed, base.MIXUP, process_index, step), alpha)
       return batch
 
     return _run(stream.example, finish, start=start_step * b, batch=b,
@@ -220,13 +214,11 @@ class RandomAccessSource(base.Source):
 
   def eval_iterator(self, config, *, process_index: int,
                     process_count: int) -> Iterator[Batch]:
-    base.check_process(process_index, process_count)
-    b = base.local_batch(config.eval_batch_size, process_count,
-                         'config.eval_batch_size')
+    b = base.stream_batch(config, 'eval_batch_size', process_index,
+                          process_count)
     pp = config.preprocess
-    base.check_preprocess(pp)
     records = self.records(config.dataset.eval_split,
-                           'config.dataset.eval_split')
+                           'config.dataset.eval_split', pp)
     share = _Subset(records, process_share(len(records), process_index,
                                            process_count))
     steps = self.num_eval_batches(config, process_count=process_count)
@@ -281,8 +273,8 @@ class _TrainStream:
   def permutation(self, epoch: int) -> np.ndarray:
     with self._lock:  # grain's threads share the current epoch's shuffle
       if self._epoch != epoch:
-        rng = np_ops.example_rng(self.seed, _SHUFFLE, self.process_index,
-                                 epoch)
+        rng = np_ops.example_rng(self.seed, base.SHUFFLE,
+                                 self.process_index, epoch)
         self._epoch, self._perm = epoch, rng.permutation(len(self.records))
       return self._perm
 
@@ -291,7 +283,7 @@ class _TrainStream:
     pp = self.pp
     image, label = _decoded(self.records, int(self.permutation(epoch)[i]),
                             pp.num_channels, self.field)
-    rng = np_ops.example_rng(self.seed, _AUGMENT, self.process_index,
+    rng = np_ops.example_rng(self.seed, base.AUGMENT, self.process_index,
                              position)
     image = np_ops.train_image(image, rng, pp)
     return np_ops.normalise(image, pp.value_range), label
@@ -312,13 +304,16 @@ def _run(example, finish, *, start: int, batch: int, first_step: int,
   if threads:
     grain = base.require('grain', 'grain', 'reading image files (config.'
                          "dataset.source='folder')")
+    # Threads work per example (decoding dominates), in order; batches are
+    # assembled from the prefetched examples.
     ds = grain.MapDataset.range(start, stop if stop is not None else 2**62)
-    ds = ds.map(example).batch(batch, drop_remainder=True, batch_fn=list)
-    ds = ds.map_with_index(lambda t, examples: finish(first_step + t,
-                                                      examples))
     options = grain.ReadOptions(num_threads=threads,
-                                prefetch_buffer_size=2 * threads)
-    return _errors_on_read(iter(ds.to_iter_dataset(options)))
+                                prefetch_buffer_size=max(batch, 4 * threads))
+    it = ds.map(example).to_iter_dataset(options)
+    it = it.batch(batch, drop_remainder=True, batch_fn=list)
+    it = it.map_with_index(lambda t, examples: finish(first_step + t,
+                                                      examples))
+    return _errors_on_read(iter(it))
   return _inline(example, finish, start, batch, first_step, stop)
 
 

@@ -53,8 +53,6 @@ class SyntheticSource(random_access.RandomAccessSource):
 
   FIELDS = ('shuffle_buffer', 'num_classes', 'num_examples')
 
-  _shape = None  # [S, S, C] of the config being read (check_source)
-
   def _sizes(self) -> tuple[int, int]:
     sizes = self.dataset_cfg.get('num_examples')
     if (not isinstance(sizes, (tuple, list)) or len(sizes) != 2
@@ -78,19 +76,8 @@ class SyntheticSource(random_access.RandomAccessSource):
   def split_names(self) -> list[str]:
     return list(SPLITS)
 
-  def split_records(self, split: str) -> random_access.Records:
+  def split_records(self, split: str, pp=None) -> random_access.Records:
+    shape = (None if pp is None else
+             (pp.image_size, pp.image_size, pp.num_channels))
     return _SyntheticRecords(self._sizes()[SPLITS.index(split)],
-                             SPLITS.index(split), self._shape,
-                             self.num_classes())
-
-  def check_source(self, config) -> None:
-    self._shape = (config.preprocess.image_size, config.preprocess.image_size,
-                   config.preprocess.num_channels)
-
-  def train_iterator(self, config, **kw):
-    self.check_source(config)
-    return super().train_iterator(config, **kw)
-
-  def eval_iterator(self, config, **kw):
-    self.check_source(config)
-    return super().eval_iterator(config, **kw)
+                             SPLITS.index(split), shape, self.num_classes())

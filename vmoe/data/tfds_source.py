@@ -4,8 +4,8 @@ One code path serves the embedded `digits` dataset (`vmoe.data.digits`, built on
 first use from data shipped with scikit-learn) and any prepared TFDS dataset
 (`cifar10`, `imagenet2012`, `imagenet21k`, `oxford_iiit_pet`, ...) read from a
 user-supplied `data_dir`. Nothing here ever touches the network unless
-`config.dataset.download=True`. This module (with `tf_ops`) is the only one
-that imports TensorFlow.
+`config.dataset.download=True`. TensorFlow is imported by this module and
+the modules it uses (`tf_ops`, `randaug_tf`, the `digits` builder) only.
 
 Training stream (per process; b = local batch size = batch_size // process_count):
 
@@ -45,6 +45,7 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from vmoe.config import first_line  # pylint: disable=g-import-not-at-top
 from vmoe.data import base  # pylint: disable=g-import-not-at-top
+from vmoe.data import embedded  # pylint: disable=g-import-not-at-top
 from vmoe.data import tf_ops  # pylint: disable=g-import-not-at-top
 from vmoe.data.base import DataError, DatasetNotFoundError  # pylint: disable=g-import-not-at-top
 
@@ -55,11 +56,7 @@ except (RuntimeError, ValueError):  # Devices already initialised / no TPU type.
   pass
 tf.get_logger().setLevel('ERROR')
 
-EMBEDDED_DATASETS = ('digits',)
-
-# Stream tags folded into the seed so the shuffle, augmentation and mixup
-# random streams are independent of each other.
-_SHUFFLE, _AUGMENT, _MIXUP = 0, 1, 2
+EMBEDDED_DATASETS = tuple(embedded.EMBEDDED)
 
 _BUILDERS: dict[tuple[str, str | None], tfds.core.DatasetBuilder] = {}
 
@@ -433,12 +430,9 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   function of the config (seed, data, preprocessing) and process index/count;
   starting at `start_step` = n gives exactly batches n, n+1, ... of the stream.
   """
-  base.check_process(process_index, process_count)
-  b = base.local_batch(config.batch_size, process_count, 'config.batch_size')
-  if not isinstance(start_step, int) or start_step < 0:
-    raise ValueError(f'start_step={start_step!r} must be a non-negative int')
+  b = base.stream_batch(config, 'batch_size', process_index, process_count,
+                        start_step)
   dcfg, pp = config.dataset, config.preprocess
-  base.check_preprocess(pp)
   seed = int(config.seed)
   builder = prepare_dataset(dcfg)
   k = num_classes(dcfg)
@@ -456,7 +450,7 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   if dcfg.get('cache', False):
     records = records.cache()
   buffer = max(1, min(int(dcfg.get('shuffle_buffer', 10_000)), n))
-  shuffle_key = tf_ops.base_key(seed, process_index, _SHUFFLE)
+  shuffle_key = tf_ops.base_key(seed, process_index, base.SHUFFLE)
 
   def epoch(e):
     """Records of epoch e, shuffled with a seed that depends on e only."""
@@ -474,7 +468,7 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   first_epoch, offset = divmod(start_step * b, n)
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
 
-  augment_key = tf_ops.base_key(seed, process_index, _AUGMENT)
+  augment_key = tf_ops.base_key(seed, process_index, base.AUGMENT)
 
   def preprocess(position, record):
     key = tf.random.experimental.stateless_fold_in(augment_key, position)
@@ -490,7 +484,7 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   ds = ds.batch(b, drop_remainder=True)
 
   alpha = float(pp.get('mixup_alpha', 0.0))
-  mixup_key = tf_ops.base_key(seed, process_index, _MIXUP)
+  mixup_key = tf_ops.base_key(seed, process_index, base.MIXUP)
 
   def finish(batch):
     position = batch.pop('position')
@@ -532,11 +526,9 @@ def eval_iterator(config, *, process_index: int = 0,
   collective evaluation steps stay in lockstep; each real example appears
   exactly once across all processes.
   """
-  base.check_process(process_index, process_count)
-  b = base.local_batch(config.eval_batch_size, process_count,
-                   'config.eval_batch_size')
+  b = base.stream_batch(config, 'eval_batch_size', process_index,
+                        process_count)
   dcfg, pp = config.dataset, config.preprocess
-  base.check_preprocess(pp)
   builder = prepare_dataset(dcfg)
   shares, sizes = _eval_shares(builder, dcfg.eval_split, process_count)
   steps = max(1, -(-max(sizes) // b))

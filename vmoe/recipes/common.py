@@ -92,7 +92,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.mlp_dim = None
   config.model.num_heads = None
   config.model.representation_size = None  # pre-logits Dense + tanh
-  config.model.moe = None  # a ConfigDict from configs.common.moe_config()
+  config.model.moe = None  # a ConfigDict from moe_config() below
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'  # | 'adam' | 'sgd'
