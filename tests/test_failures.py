@@ -222,6 +222,8 @@ def test_flag_errors_in_main_exit_2_without_traceback(tmp_path):
     ({'dataset.image_key': 'img'}, "config.dataset.image_key='img'"),
     ({'model.moe': common.moe_config(layers='every:2', group_size=5)},
      'config.model.moe.group_size=5 does not divide'),
+    ({'dataset.shuffle_buffer': -1},
+     'config.dataset.shuffle_buffer=-1 must be an integer >= 1'),
 ])
 def test_bad_config_or_data_fails_before_the_model(
     digits_data_dir, workdir, monkeypatch, overrides, message):
@@ -302,6 +304,32 @@ def test_full_disk(digits_data_dir, workdir, monkeypatch):
                       lambda path: usage._replace(free=1 << 20))
   _user_error(_config(digits_data_dir), workdir, '1.0 MiB free',
               'a checkpoint of this model needs')
+
+
+def test_full_disk_on_a_new_workdir_leaves_nothing(digits_data_dir, tmp_path,
+                                                   monkeypatch):
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(workdir_lib.shutil, 'disk_usage',
+                      lambda path: usage._replace(free=1 << 20))
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for workdir in (tmp_path / 'new', empty):
+    _user_error(_config(digits_data_dir), workdir, '1.0 MiB free')
+  assert not (tmp_path / 'new').exists()
+  assert list(empty.iterdir()) == []  # no lock file
+
+
+def test_fewshot_shots_beyond_the_training_images(digits_data_dir, tmp_path,
+                                                  monkeypatch):
+  from vmoe.evaluate import fewshot  # pylint: disable=g-import-not-at-top
+  _no_model(monkeypatch)
+  config = _config(digits_data_dir)
+  config.fewshot = fewshot.default_config()
+  config.fewshot.every_steps = 4
+  config.fewshot.shots = (1, 1000)
+  _user_error(config, tmp_path / 'w', 'config.fewshot.shots=(1, 1000): '
+              '1000-shot needs 1000 images of each of the 10 classes')
+  assert not (tmp_path / 'w').exists()
 
 
 def test_second_run_on_a_locked_workdir(digits_data_dir, workdir,
@@ -410,6 +438,65 @@ def test_finished_run_returns_its_summary(digits_data_dir, workdir,
     assert 0 < result['accuracy'] <= 1 and result['loss'] > 0
     assert not stale.exists()
     assert _snapshot(workdir) == before
+
+
+# ------------------------------------------- evaluations lost to a kill --
+
+
+def _drop_records(workdir, split: str, step: int) -> dict:
+  """Removes the `split` record of `step` from metrics.jsonl (as a kill
+  during that evaluation leaves it); returns it."""
+  path = workdir / 'metrics.jsonl'
+  lines = path.read_text().splitlines(keepends=True)
+  (dropped,) = [json.loads(l) for l in lines
+                if json.loads(l)['split'] == split
+                and json.loads(l)['step'] == step]
+  path.write_text(''.join(l for l in lines if json.loads(l) != dropped))
+  return dropped
+
+
+def test_an_evaluation_lost_to_a_kill_runs_on_resume(digits_data_dir,
+                                                     workdir, capsys):
+  """Checkpoint 4 records that the eval of step 4 is due: a resume that
+  finds no eval record of step 4 runs it before anything else, with the
+  values the killed run would have logged."""
+  lost = _drop_records(workdir, 'eval', 4)
+  assert checkpoint_lib.read_step_info(
+      str(workdir / 'checkpoints' / '4'), 4).evaluations == ('eval',)
+  before = _snapshot(workdir)
+  del before['metrics.jsonl']
+  result = trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  assert result['already_trained'] and result['step'] == 4
+  assert result['accuracy'] == lost['accuracy']
+  assert result['loss'] == lost['loss']
+  evals = [r for r in _records(workdir) if r['split'] == 'eval']
+  assert evals == [lost]
+  after = _snapshot(workdir)
+  del after['metrics.jsonl']
+  assert after == before  # checkpoints and config.json untouched
+  # A second resume finds the record: nothing runs again.
+  trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  assert [r for r in _records(workdir) if r['split'] == 'eval'] == [lost]
+  assert 'warning' not in capsys.readouterr().err
+
+
+def test_a_non_finite_eval_loss_is_logged_with_a_warning(digits_data_dir,
+                                                         workdir, capsys,
+                                                         monkeypatch):
+  _drop_records(workdir, 'eval', 4)
+  monkeypatch.setattr(trainer.Experiment, 'evaluate',
+                      lambda self, params: {'loss': float('inf'),
+                                            'accuracy': 0.1})
+  result = trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  assert result['loss'] == float('inf')
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ['warning: step 4: eval loss is inf (logged as it is): the '
+                 'model gives a true class probability 0 or computes NaN']
+
+
+def _records(workdir) -> list[dict]:
+  return [json.loads(l) for l in
+          (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
 # ------------------------------------------------------------ checkpoints --
