@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_digits_config
+from vmoe.recipes import common
 from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.checkpoints import digest
 from vmoe.checkpoints.source import CheckpointError
@@ -262,3 +263,85 @@ def test_failed_async_save_names_its_step_without_tracebacks(tmp_path,
   err = capfd.readouterr().err
   assert 'Traceback' not in err and 'Exception' not in err, err
   assert not (tmp_path / 'checkpoints' / '5').exists()
+
+
+# ------------------------------------------- readers of a workdir (predict) --
+
+
+def _flip_a_bit(step_dir: pathlib.Path) -> None:
+  path = max(step_dir.glob('default/ocdbt.process_0/d/*'),
+             key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x04
+  path.write_bytes(bytes(data))
+
+
+def test_readers_skip_a_corrupt_checkpoint_and_move_nothing(trained, tmp_path,
+                                                           capsys):
+  from vmoe import analysis  # pylint: disable=g-import-not-at-top
+  source, _ = trained
+  workdir = tmp_path / 'work'
+  shutil.copytree(source, workdir)
+  _flip_a_bit(workdir / 'checkpoints' / '4')
+  capsys.readouterr()
+  assert checkpoint_lib.read(str(workdir / 'checkpoints')).step == 2
+  assert analysis.load(str(workdir)).step == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 2 and all(
+      l.startswith(f'warning: skipped checkpoint 4 in {workdir / "checkpoints"}'
+                   ' (') for l in lines), lines
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == [
+      '2', '4']
+
+
+def test_readers_take_the_next_newest_when_one_is_deleted(trained, tmp_path,
+                                                          capsys, monkeypatch):
+  """A training run's max_to_keep deletes checkpoint 4 while it is read: the
+  reader takes checkpoint 2, in silence."""
+  source, _ = trained
+  workdir = tmp_path / 'work'
+  shutil.copytree(source, workdir)
+  real_read = checkpoint_lib._read  # pylint: disable=protected-access
+
+  def deleted_meanwhile(step, step_dir, *args, **kwargs):
+    if step == 4:
+      shutil.rmtree(step_dir)
+    return real_read(step, step_dir, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_lib, '_read', deleted_meanwhile)
+  capsys.readouterr()
+  assert checkpoint_lib.read(str(workdir / 'checkpoints')).step == 2
+  assert capsys.readouterr().err == ''
+  shutil.rmtree(workdir / 'checkpoints' / '2')
+  shutil.copytree(source / 'checkpoints' / '4', workdir / 'checkpoints' / '4')
+  with pytest.raises(CheckpointError, match='the last one was deleted while '
+                     'it was read'):
+    checkpoint_lib.read(str(workdir / 'checkpoints'))
+
+
+def test_readers_refuse_another_config(trained, digits_data_dir):
+  """The config recorded by the checkpoint decides: a --config that differs
+  in a field that defines the run is refused in one line; one that differs
+  only where a resume may differ (here the data_dir) is taken."""
+  from vmoe import analysis  # pylint: disable=g-import-not-at-top
+  from vmoe import predict  # pylint: disable=g-import-not-at-top
+  source, _ = trained
+  fields = dict(num_train_steps=4, log_every_steps=2, eval_every_steps=4,
+                checkpoint_every_steps=2)
+  other = tiny_digits_config(digits_data_dir, **fields,
+                             **{'model.moe': common.moe_config(
+                                 layers='every:2', router='expert_choice')})
+  with pytest.raises(ValueError) as info:
+    analysis.load(str(source), config=other)
+  assert '\n' not in str(info.value)
+  assert str(info.value).startswith("config.model.moe={'")
+  assert '(the config recorded by checkpoint 4)' in str(info.value)
+  with pytest.raises(predict.PredictError, match='--config is not the config '
+                     'the run in --workdir='):
+    predict.workdir_run_config(str(source), other)
+  same = tiny_digits_config('/elsewhere', **fields)
+  assert predict.workdir_run_config(str(source), same) is same
+  assert analysis.load(str(source), config=same).config is same
+  recorded = predict.workdir_run_config(str(source), None)
+  assert recorded.to_dict() == tiny_digits_config(digits_data_dir,
+                                                  **fields).to_dict()

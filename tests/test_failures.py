@@ -708,3 +708,54 @@ def test_two_processes_agree_when_the_workdir_is_locked(digits_data_dir,
   assert errors[0].startswith(f'error: --workdir={workdir} is in use')
   assert errors[1] == (f'error: process 0 could not prepare '
                        f'--workdir={workdir} (see its error)')
+
+
+# ------------------------------------------- predict and the capacity sweep --
+
+
+def _command(module, *args):
+  return subprocess.run(
+      [sys.executable, '-m', module, *args], cwd=REPO,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'), capture_output=True,
+      text=True, timeout=300)
+
+
+def _one_line_error(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('factors,message', [
+    ('inf', '--capacity_factors=inf: inf must be a finite number > 0'),
+    ('1.0,nan', '--capacity_factors=1.0,nan: nan must be a finite number'),
+    ('0', '--capacity_factors=0: 0 must be a finite number > 0'),
+    ('a', "--capacity_factors=a: 'a' is not a number"),
+    ('', '--capacity_factors= is empty'),
+])
+def test_capacity_factors_errors(factors, message):
+  from vmoe.evaluate import capacity_sweep  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as info:
+    capacity_sweep.parse_factors(factors.split(',') if factors else [])
+  assert str(info.value).startswith(message), str(info.value)
+  assert capacity_sweep.parse_factors(['0.5', ' 2']) == [0.5, 2.0]
+
+
+def test_commands_on_bad_arguments_write_nothing(workdir, tmp_path):
+  before = _snapshot(workdir)
+  image = tmp_path / 'x.png'
+  image.write_bytes(b'')
+  _one_line_error(_command('vmoe.predict', f'--workdir={workdir}', '--top=-1',
+                           str(image)), '--top=-1 must be an integer >= 1')
+  _one_line_error(_command('vmoe.evaluate.capacity_sweep',
+                           f'--workdir={workdir}', '--capacity_factors='),
+                  '--capacity_factors= is empty')
+  missing = tmp_path / 'missing'
+  _one_line_error(_command('vmoe.evaluate.capacity_sweep',
+                           f'--workdir={missing}', '--capacity_factors=1'),
+                  f'{missing / "checkpoints"} does not exist')
+  assert not missing.exists()
+  assert _snapshot(workdir) == before
+  assert not (workdir / 'capacity_sweep.json').exists()
