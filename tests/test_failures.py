@@ -671,6 +671,61 @@ def test_main_interrupted_while_starting_writes_nothing(digits_data_dir,
 
 
 @pytest.mark.slow
+def test_a_kill_in_the_final_evaluation_is_made_good_on_resume(
+    digits_data_dir, tmp_path):
+  """SIGKILL during the evaluation of the last step, after its checkpoint:
+  the rerun of the same command evaluates step 4 and prints it."""
+  config = tiny_digits_config_file(
+      tmp_path, digits_data_dir, num_train_steps=4, log_every_steps=2,
+      eval_every_steps=4, checkpoint_every_steps=2)
+  workdir = tmp_path / 'work'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tests.workers.kill_in_eval', '--kill_at_step=4',
+       f'--config={config}', f'--workdir={workdir}'], cwd=REPO,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert (workdir / 'checkpoints' / '4').is_dir()
+  assert not [r for r in _records(workdir) if r['split'] == 'eval']
+  proc = _main(config, workdir)
+  assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+  (record,) = [r for r in _records(workdir) if r['split'] == 'eval']
+  assert record['step'] == 4
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      f"done: already trained to step 4 (num_train_steps=4), eval accuracy "
+      f"{record['accuracy']:.4f}, eval loss {record['loss']:.4f}, ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_while_training_exits_130_in_one_line(digits_data_dir,
+                                                           tmp_path):
+  config = tiny_digits_config_file(
+      tmp_path, digits_data_dir, num_train_steps=100_000, log_every_steps=1,
+      eval_every_steps=100_000, checkpoint_every_steps=100_000)
+  workdir = tmp_path / 'work'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  child = subprocess.Popen(
+      [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  try:
+    deadline = time.time() + 240
+    while not (workdir / 'metrics.jsonl').is_file() and time.time() < deadline:
+      time.sleep(0.2)  # training has started once a step is logged
+    assert child.poll() is None
+    child.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+  finally:
+    if child.poll() is None:
+      child.kill()
+  assert child.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
+  assert err.strip().splitlines()[-1].startswith('stopped: '), err
+
+
+@pytest.mark.slow
 def test_two_processes_agree_when_the_workdir_is_locked(digits_data_dir,
                                                         workdir, tmp_path):
   """Only process 0 locks; the other learns that it failed and stops too."""
