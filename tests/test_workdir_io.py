@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +19,8 @@ from tests.helpers import tiny_digits_config
 from vmoe import workdir as workdir_lib
 from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.train import metrics_writer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class _MemoryBucket(memory.MemoryFileSystem):
@@ -176,3 +179,25 @@ def test_unreadable_metrics_lines_are_dropped_with_one_warning(tmp_path,
                                              'lines of '), err
   assert metrics_writer.read_metrics(str(tmp_path)) == good
   assert path.read_bytes().count(b'\n') == 2
+
+
+def test_training_and_its_files_import_no_tensorflow(tmp_path):
+  """The trainer, its metrics (TensorBoard included) and the readers of a
+  workdir run on hosts without TensorFlow: importing them and writing
+  metrics loads none of it, where it is installed too."""
+  code = (
+      'import sys\n'
+      'import main\n'
+      'from vmoe import analysis, predict, workdir\n'
+      'from vmoe.evaluate import capacity_sweep\n'
+      'from vmoe.train import metrics_writer, trainer\n'
+      f'w = metrics_writer.MetricWriter({str(tmp_path)!r})\n'
+      "w.write(1, 'train', {'loss': 1.0, 'load': [1.0, 2.0]})\n"
+      'w.close()\n'
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+      "('tensorflow', 'tensorflow_datasets')))\n")
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == '[]'
+  assert list((tmp_path / 'tensorboard' / 'train').iterdir())
