@@ -58,6 +58,11 @@ def read(path: str) -> Source:
                 config=restored.info.config)
 
 
+def read_flat(path: str) -> dict[str, np.ndarray]:
+  """The flat parameters of the checkpoint `path` designates (`read`)."""
+  return read(path).params
+
+
 def recorded_config(path: str) -> tuple[dict | None, str]:
   """(config, where from) of the run whose checkpoints `path` designates
   (`checkpointer.run_config`)."""
