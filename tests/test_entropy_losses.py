@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from tests.helpers import D, layer_fn, moe_config, moe_layer
+from tests.helpers import D, fast_jit, layer_fn, moe_config, moe_layer
 from vmoe.nn import moe
 from vmoe.nn import routers
 from vmoe.nn import routing as rt
@@ -39,15 +40,16 @@ def _loop_global(logits, threshold=None):
 
 
 CASES = {
-    'random': jax.random.normal(jax.random.key(0), (3, 5, 4)) * 2,
+    'random': jax.random.normal(jax.random.key(0), (2, 4, 4)) * 2,
     'uniform': jnp.zeros((2, 3, 4)),
     'peaked': jnp.array([[[9., -9., -9., -9.], [9., -9., -9., -9.]]]),
     'one_token': jax.random.normal(jax.random.key(1), (2, 1, 3)),
 }
 
 
-@pytest.mark.parametrize('case', sorted(CASES))
-@pytest.mark.parametrize('threshold', [None, 0.5, math.log(4)])
+@pytest.mark.parametrize('case, threshold', [
+    ('random', None), ('random', 0.5), ('uniform', math.log(4)),
+    ('peaked', 0.5), ('peaked', None), ('one_token', None)])
 def test_losses_equal_loops_with_gradients(case, threshold):
   logits = CASES[case]
   fast_local, grad_local = jax.value_and_grad(rt.local_entropy_loss)(logits)
@@ -97,14 +99,13 @@ def test_every_gate_router_adds_them_to_its_auxiliary_loss(router):
       + 0.3 * m1['local_entropy_loss'] + 0.2 * m1['global_entropy_loss'],
       rtol=1e-5)
   # The losses reach the router's kernel through the auxiliary loss.
-  layer = with_losses
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, state = nnx.split(layer)
+  if router == 'token_choice':
+    graphdef, state = nnx.split(with_losses)
 
-  def aux(state):
-    return nnx.merge(graphdef, state)(x, train=False)[1]['auxiliary_loss']
-  grads = jax.grad(aux)(state)
-  assert float(jnp.abs(grads['router']['kernel'][...]).sum()) > 0
+    def aux(state):
+      return nnx.merge(graphdef, state)(x, train=False)[1]['auxiliary_loss']
+    grads = fast_jit(jax.grad(aux))(state)
+    assert float(jnp.abs(grads['router']['kernel'][...]).sum()) > 0
 
 
 @pytest.mark.parametrize('field, value, message', [
