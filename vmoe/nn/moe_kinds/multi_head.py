@@ -114,6 +114,7 @@ class MultiHeadMoe(nnx.Module):
         group_size=None if c.group_size is None else c.group_size * h))
     half = nnx.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
     self.heads = h
+    self.hidden_dim = hidden_dim  # of the dense MLP the layer replaces
     self.head = Dense(dim, dim, axes=('embed', 'mlp'), kernel_init=half,
                       dtype=kw.get('dtype'), param_dtype=param_dtype,
                       rngs=rngs)
