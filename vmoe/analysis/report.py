@@ -89,13 +89,7 @@ def expert_norms(model: nnx.Module, batches: Iterable[dict[str, np.ndarray]],
   to every token it routed."""
   layers = moe_lib.block_moe_layers(model)
   blocks = list(layers) if blocks is None else list(blocks)
-  for layer in layers.values():
-    layer.capture = True
-  try:
-    graphdef, state = nnx.split(model)
-  finally:
-    for layer in layers.values():
-      layer.capture = False
+  graphdef, state = trace_lib.capturing_split(model)
 
   @jax.jit
   def run(state, images):

@@ -156,18 +156,25 @@ def moe_blocks(model: nnx.Module) -> dict[int, moe_lib.MoeLayer]:
   return moe_lib.block_moe_layers(model)
 
 
+def capturing_split(model: nnx.Module):
+  """(graphdef, state) of `model` with every MoE layer's capture hook on in
+  the graphdef (the model itself is left as it was)."""
+  layers = moe_blocks(model)
+  for layer in layers.values():
+    layer.capture = True
+  try:
+    return nnx.split(model)
+  finally:
+    for layer in layers.values():
+      layer.capture = False
+
+
 def make_trace_fn(model: nnx.Module):
   """Jitted images [b, H, W, C] -> (logits [b, classes], {block: view}) with
   every view array reshaped from groups [g, s, ...] to images [b, n, ...]
   ('probs' summed over the tokens of each image: [b, e])."""
   layers = moe_blocks(model)
-  for layer in layers.values():
-    layer.capture = True
-  try:
-    graphdef, state = nnx.split(model)
-  finally:
-    for layer in layers.values():
-      layer.capture = False
+  graphdef, state = capturing_split(model)
 
   @jax.jit
   def run(state, images):

@@ -133,6 +133,7 @@ class Standard:
 
   @classmethod
   def validate(cls, c, need, **context):
+    """Checks the kind's options in the merged options `c`."""
     del c, need, context
 
   @classmethod
@@ -141,15 +142,10 @@ class Standard:
     return base(*args, **kwargs)
 
 
-class Mixin:
+class Mixin(Standard):
   """A kind composed over the standard class (see `compose`); its
   `__init__` takes `options` (the merged kind options) besides the base's
   arguments."""
-  OPTIONS: dict[str, Any] = {}
-
-  @classmethod
-  def validate(cls, c, need, **context):
-    del c, need, context
 
   @classmethod
   def build(cls, base: type, options: Any, *args, **kwargs):

@@ -595,7 +595,7 @@ class MoeLayer(nnx.Module):
                        'support expert forcing')
     f = jnp.asarray(self.forcing)
     e = self.num_experts
-    if f.ndim == 2:
+    if f.shape == (b, e):
       f = jnp.broadcast_to(f[:, None, :], (b, n, e))
     if f.shape != (b, n, e):
       raise ValueError(f'expert forcing of shape {f.shape} is not [b, e] or '
