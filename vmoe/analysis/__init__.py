@@ -32,14 +32,12 @@ model at several compute budgets; `python -m vmoe.analysis.budget`), report
 from vmoe.analysis import claims
 from vmoe.analysis.ablation import expert_ablation, without_experts
 from vmoe.analysis.batch_dependence import batch_dependence, per_image_groups
-from vmoe.analysis.budget import budget_sweep
 from vmoe.analysis.capacity import capacity_sweep
 from vmoe.analysis.forcing import (distinctive_experts, forced_accuracy,
                                    targeted_ablation)
 from vmoe.analysis.loading import (Trained, checkpoint_steps,
                                    config_from_workdir, eval_batches,
                                    from_params, initialized, load)
-from vmoe.analysis.report import layer_report
 from vmoe.analysis.patch_maps import (SoftMaps, expert_maps, slot_similarity,
                                       soft_maps)
 from vmoe.analysis.runs import (fewshot_accuracy, read_metrics, run_summary,
@@ -50,3 +48,17 @@ from vmoe.analysis.specialization import (class_usage,
 from vmoe.analysis.statistics import (dropped_per_image, expert_load,
                                       layer_summary, unused_experts)
 from vmoe.analysis.trace import LayerTrace, Trace, collect, token_view
+
+
+# The command modules (`python -m vmoe.analysis.report` / `.budget`) are
+# imported on first use, so that running them does not import them twice.
+def budget_sweep(*args, **kwargs):
+  """`vmoe.analysis.budget.budget_sweep`."""
+  from vmoe.analysis import budget  # pylint: disable=g-import-not-at-top
+  return budget.budget_sweep(*args, **kwargs)
+
+
+def layer_report(*args, **kwargs):
+  """`vmoe.analysis.report.layer_report`."""
+  from vmoe.analysis import report  # pylint: disable=g-import-not-at-top
+  return report.layer_report(*args, **kwargs)

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
-from vmoe.analysis import specialization
 from vmoe.analysis import trace as trace_lib
+from vmoe.analysis.specialization import class_usage
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import routing as rt
 
@@ -125,7 +125,7 @@ def distinctive_experts(trace: trace_lib.Trace, block: int, label: int,
   largest share of that class's assignments minus the share of the other
   classes' (MoTE's activation difference between the behaviour and the
   rest)."""
-  usage = specialization.class_usage(trace, block, num_classes).astype(float)
+  usage = class_usage(trace, block, num_classes).astype(float)
   own = usage[:, label]
   rest = usage.sum(axis=1) - own
   score = own / max(own.sum(), 1.0) - rest / max(rest.sum(), 1.0)

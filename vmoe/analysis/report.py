@@ -44,9 +44,9 @@ import pandas as pd
 from flax import nnx
 
 from vmoe.analysis import loading
-from vmoe.analysis import specialization
-from vmoe.analysis import statistics
 from vmoe.analysis import trace as trace_lib
+from vmoe.analysis.specialization import normalized_mutual_information
+from vmoe.analysis.statistics import layer_summary
 from vmoe.nn import moe as moe_lib
 
 ALPHA = 0.05  # the criterion's level, fixed before any report is run
@@ -61,10 +61,10 @@ def nmi_null(trace: trace_lib.Trace, block: int, *, permutations: int = 200,
   layer = trace.layers[block]
   per_image = layer.assigned.sum(axis=1).astype(np.int64)          # [m, e]
   onehot = np.eye(num_classes, dtype=np.int64)
-  observed = specialization.normalized_mutual_information(
+  observed = normalized_mutual_information(
       per_image.T @ onehot[trace.labels])
   rng = np.random.default_rng(seed)
-  null = np.array([specialization.normalized_mutual_information(
+  null = np.array([normalized_mutual_information(
       per_image.T @ onehot[rng.permutation(trace.labels)])
                    for _ in range(permutations)])
   return observed, null
@@ -148,7 +148,7 @@ def layer_report(trained: loading.Trained,
   if not moe_lib.block_moe_layers(model):
     raise ValueError('the model has no MoE layer')
   trace = trace_lib.collect(model, batches)
-  summary = statistics.layer_summary(trace).set_index('block')
+  summary = layer_summary(trace).set_index('block')
   norms = expert_norms(model, batches)
   rows = []
   for i, layer in trace.layers.items():

@@ -15,8 +15,8 @@ import numpy as np
 from vmoe.analysis import forcing
 from vmoe.analysis import loading
 from vmoe.analysis import runs
-from vmoe.analysis import statistics
 from vmoe.analysis import trace as trace_lib
+from vmoe.analysis.statistics import unused_experts
 
 
 def _activation(trace: trace_lib.Trace) -> float:
@@ -58,7 +58,7 @@ def measure(trained: loading.Trained, metric: str,
       return {}
     if metric == 'expert_activation':
       return {(): _activation(trace)}
-    return {(): float(statistics.unused_experts(trace).num_unused.sum())}
+    return {(): float(unused_experts(trace).num_unused.sum())}
   if metric == 'targeted_minus_random':
     frame = forcing.targeted_ablation(trained.model, batches)
     return {(r.block, r.label): float(r.targeted_minus_random)
