@@ -120,10 +120,7 @@ def build(name: str, batch: int):
                                         learning_rate_fn=lambda s: 1e-4),
                   donate_argnums=0)
   compiled = train.lower(state, data).compile()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  xla_flops = float((cost or {}).get('flops', float('nan')))
+  xla_flops = common.compiled_flops(compiled)
   infer = jax.jit(lambda p, x: model_fn(p, x, train=False)[0])
   return compiled, infer, state, data, flops, xla_flops
 
