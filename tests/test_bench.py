@@ -149,10 +149,12 @@ def test_model_configs():
   assert model_bench.model_config('ViT-S/16 dense').moe is None
 
 
+@pytest.mark.slow  # about 16 programs compiled
 def test_unit_rows_time_every_new_unit_against_its_counterpart(monkeypatch):
   """The units section at tiny sizes: one row per attention / block kind
   with its counterpart, the MoE units as layer rows."""
   monkeypatch.setitem(ml.DIMS, 'S', (64, 128))
+  monkeypatch.setattr(ml, 'SEQ', 17)
   monkeypatch.setattr(ml, 'unit_moe_cases', lambda: [
       ml.Case('token_choice', 4, 1, k=1),
       ml.Case('token_choice', 4, 1, k=1,
@@ -163,7 +165,7 @@ def test_unit_rows_time_every_new_unit_against_its_counterpart(monkeypatch):
   assert [r['layer'].split(' ')[0] for r in kinds] == [
       'moh', 'gated', 'mixture-of-depths', 'nested-experts']
   assert all(r['fwd_bwd_ratio'] > 0 for r in kinds)
-  assert kinds[2]['counterpart'] == 'standard block on 99 tokens'
+  assert kinds[2]['counterpart'] == 'standard block on 9 tokens'
   assert 0.3 < kinds[3]['flop_ratio'] < 1
   layers = [r['layer'] for r in rows if 'counterpart' not in r]
   assert 'token choice k=1 multi-head' in layers

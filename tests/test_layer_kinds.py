@@ -137,8 +137,10 @@ def _block(kind, **options):
 X = jax.random.normal(jax.random.key(3), (2, 5, DIM))
 
 
+# Eager loop references are slow: one case in the quick loop, the rest slow.
 @pytest.mark.parametrize('capacity, activation', [
-    (0.4, 'none'), (0.4, 'sigmoid'), (1.0, 'none'), (0.01, 'sigmoid')])
+    (0.4, 'sigmoid'), *[pytest.param(*c, marks=pytest.mark.slow) for c in (
+        (0.4, 'none'), (1.0, 'none'), (0.01, 'sigmoid'))]])
 def test_mixture_of_depths_equals_loops(capacity, activation):
   block = _block('mod', mod_capacity=capacity,
                  mod_router_activation=activation)
@@ -207,7 +209,8 @@ def test_token_counts():
   assert sum(mone.token_counts(10, mone.capacity_distribution(0.3, 3))) == 10
 
 
-@pytest.mark.parametrize('budget', [0.5, 0.125, 0.3])
+@pytest.mark.parametrize('budget', [
+    0.3, *[pytest.param(b, marks=pytest.mark.slow) for b in (0.5, 0.125)]])
 def test_nested_experts_equal_loops(budget):
   block = _block('mone', mone_budget=budget, mone_experts=4)
   block.alpha.value = jnp.asarray(0.7)

@@ -93,16 +93,18 @@ def reference(layer: GatedAttention, x: jax.Array) -> jax.Array:
   qkv_kernel = layer.qkv_kernel[...]
   qkv_bias = layer.qkv_bias[...]
   h, k = qkv_kernel.shape[2], qkv_kernel.shape[3]
-  proj = lambda t, j, i: x[b_, t] @ qkv_kernel[:, j, i] + qkv_bias[j, i]  # noqa: E731
   ys = []
   for b_ in range(b):
+    # proj[t][j][i]: query / key / value (j) of head i for token t.
+    proj = [[[x[b_, t] @ qkv_kernel[:, j, i] + qkv_bias[j, i]
+              for i in range(h)] for j in range(3)] for t in range(n)]
     for t in range(n):
       y = layer.out_bias[...]
       for i in range(h):
-        logits = jnp.stack([jnp.dot(proj(t, 0, i), proj(m, 1, i))
+        logits = jnp.stack([jnp.dot(proj[t][0][i], proj[m][1][i])
                             for m in range(n)]) * k ** -0.5
         weights = jax.nn.softmax(logits)
-        head = sum(weights[m] * proj(m, 2, i) for m in range(n))
+        head = sum(weights[m] * proj[m][2][i] for m in range(n))
         gate = jax.nn.sigmoid(x[b_, t] @ layer.gate_kernel[...][:, i]
                               + layer.gate_bias[...][i])
         y = y + (gate * head) @ layer.out_kernel[...][i]
