@@ -224,7 +224,7 @@ def predict(config, source, image_paths: list[str], *, top: int = 5,
         label = names[c] if names[c] == str(c) else f'{names[c]} ({c})'
       lines.append(f'  {probs[i, c]:7.2%}  {label}')
     for block, (per_image, dropped) in sorted(use.items()):
-      layer = model.blocks[block].mlp
+      layer = moe.routed_layer(model.blocks[block].mlp)
       shares = ' '.join(f'{v:.2f}' for v in per_image[i])
       lines.append(f'  block {block} ({layer.router_type}, '
                    f'{per_image.shape[1]} experts): expert use [{shares}], '

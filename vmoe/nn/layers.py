@@ -142,6 +142,31 @@ def dropout_multiplier(rate: float, key: jax.Array | None,
   return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(dtype)
 
 
+def drop_path(x: jax.Array, rate: float, *, train: bool,
+              rngs: nnx.Rngs | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example."""
+  if not train or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def join_metrics(metrics: dict[str, Any], **parts: dict[str, Any]
+                 ) -> dict[str, Any]:
+  """`metrics` with the metrics of other parts of a block under
+  '<part>/<name>'; their `AUX_LOSS_KEY` entries are summed into the
+  returned one (one auxiliary loss per block)."""
+  out = dict(metrics)
+  for part, values in parts.items():
+    for name, value in values.items():
+      if name == AUX_LOSS_KEY:
+        out[AUX_LOSS_KEY] = out.get(AUX_LOSS_KEY, 0.0) + value
+      else:
+        out[f'{part}/{name}'] = value
+  return out
+
+
 class MlpBlock(nnx.Module):
   """Transformer MLP: Dense(d->h) -> GELU -> dropout -> Dense(h->d).
 

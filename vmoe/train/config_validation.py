@@ -122,13 +122,27 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
       blocks = vit.moe_block_indices(moe.get('layers'), vit_size.depth)
       moe_lib.validate_moe_config(moe, prefix='config.model.moe',
                                   mlp_dim=vit_size.mlp_dim,
-                                  other_router_options=False)
+                                  other_router_options=False,
+                                  dim=vit_size.width)
     except ConfigError:
       raise
     except ValueError as e:
       raise ConfigError(f'config.{e}') from None
     _check(bool(blocks), 'model.moe.layers', moe.get('layers'),
            'selects no block; set model.moe=None for a dense model')
+  # Attention and block kinds (vmoe.nn.attention, vmoe.nn.blocks).
+  for name in ('attention_options', 'block_options'):
+    value = config.model.get(name)
+    _check(value is None or isinstance(value, (ml_collections.ConfigDict,
+                                               dict)), f'model.{name}', value,
+           'must be None (defaults) or a ConfigDict of options')
+  vit.validate_kinds(
+      size=vit_size, pool=config.model.get('pool', 'tok'),
+      attention=config.model.get('attention', 'mha'),
+      attention_options=config.model.get('attention_options'),
+      block=config.model.get('block', 'standard'),
+      block_options=config.model.get('block_options'), moe=moe,
+      prefix='config.model')
 
   # Optimizer and schedule.
   opt = config.optimizer
