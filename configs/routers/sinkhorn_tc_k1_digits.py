@@ -11,8 +11,8 @@ Shared settings and naming: `configs/routers/recipe.py`.
 
 Cost (`--config.dry_run=True`): 369k parameters
 (137k active per token), 5.1 MFLOPs per image.
-Result (800 steps, one run): test accuracy 0.977, 175 s on 2
-shared CPU cores.
+Result (800 steps, one run): test accuracy 0.977, 97 s on 2
+shared CPU cores (with the importance and load losses, 2026-12-06).
 """
 
 from vmoe.recipes import routers as recipe

@@ -10,8 +10,8 @@ Shared settings and naming: `configs/routers/recipe.py`.
 
 Cost (`--config.dry_run=True`): 369k parameters
 (170k active per token), 6.3 MFLOPs per image.
-Result (800 steps, one run): test accuracy 0.980, 434 s on 2
-shared CPU cores.
+Result (800 steps, one run): test accuracy 0.977, 115 s on 2
+shared CPU cores (with the importance and load losses, 2026-12-06).
 """
 
 from vmoe.recipes import routers as recipe
