@@ -158,11 +158,14 @@ def vmoe_b16_train_gflops() -> float:
       rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False)[0])
-  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jax.numpy.float32)
+  # One routing group of images (group_size tokens), per image after.
+  images = max(1, (config.model.moe.get('group_size') or 0)
+               // vit.num_tokens(config.model, 224))
+  x = jax.ShapeDtypeStruct((images, 224, 224, 3), jax.numpy.float32)
   cost = fwd.lower(state, x).cost_analysis() or {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return 3 * float(cost.get('flops', float('nan'))) / 1e9
+  return 3 * float(cost.get('flops', float('nan'))) / 1e9 / images
 
 
 def run(quick: bool = False) -> tuple[str, list[dict]]:
