@@ -34,12 +34,12 @@ STYLE = {
     'grid.alpha': 0.3,
 }
 DENSE_COLOR = '#000000'
-# Distinct colours for up to 40 configs (tab20 then tab20b); dense is black.
-_PALETTE = [matplotlib.colors.to_hex(c) for name in ('tab20', 'tab20b')
-            for c in plt.get_cmap(name).colors]
-# Of the two shades of a tab20 hue, the darker first: neighbours in the study
-# list (often variants of one router) stay tellable apart.
-_PALETTE = _PALETTE[0::2] + _PALETTE[1::2]
+# Distinct colours for up to 25 configs: tab20's ten dark shades, then its
+# ten light ones (neighbours in the study list differ in hue), then the
+# darkest shade of tab20b's five hues; dense is black.
+_TAB20 = [matplotlib.colors.to_hex(c) for c in plt.get_cmap('tab20').colors]
+_TAB20B = [matplotlib.colors.to_hex(c) for c in plt.get_cmap('tab20b').colors]
+_PALETTE = _TAB20[0::2] + _TAB20[1::2] + _TAB20B[0::4]
 
 
 def use_style() -> None:
@@ -162,7 +162,7 @@ def describe_entropy(entropy: float, num_choices: int, *,
 CURVES = (
     ('train', 'loss', 'training loss'),
     ('eval', 'accuracy', 'test accuracy'),
-    ('eval', 'dropped_fraction', 'dropped fraction of tokens (test)'),
+    ('train', 'dropped_fraction', 'dropped fraction of tokens (training)'),
     ('train', 'moe/auxiliary_loss', 'auxiliary loss (training)'),
 )
 
@@ -218,7 +218,7 @@ def training_curves(records: Mapping[str, Sequence[Sequence[Mapping[str,
       steps = series[0][0]
       same = [v for s, v in series if np.array_equal(s, steps)]
       stack = np.stack(same)
-      ax.plot(steps, stack.mean(axis=0), color=colors[name],
+      ax.plot(steps, stack.mean(axis=0), color=colors[name], marker='.',
               label=f'{name} ({len(same)} seed{"s" if len(same) > 1 else ""})')
       if len(same) > 1:
         ax.fill_between(steps, stack.min(axis=0), stack.max(axis=0),
