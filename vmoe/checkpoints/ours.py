@@ -3,7 +3,7 @@ for `init_from` and inference.
 
 Accepts a training workdir (its latest checkpoint), its `checkpoints/`
 directory (latest step) or one `checkpoints/<step>` directory. Parameter
-names are already ours.
+names are already ours, in the unscanned layout (`layout.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from vmoe import workdir as workdir_lib
 from vmoe.checkpoints import checkpointer as checkpoint_lib
+from vmoe.checkpoints import layout
 from vmoe.checkpoints import mapping
 from vmoe.checkpoints.source import CheckpointError, Source, fix_dtype
 
@@ -59,8 +60,9 @@ def read_flat(path: str) -> dict[str, np.ndarray]:
   finally:
     ckpt.close()
   params = state['params'] if 'params' in state else state
-  return mapping.flatten(jax.tree.map(lambda x: fix_dtype(np.asarray(x)),
-                                      params))
+  # A scanned run's stacked parameters come out one block at a time.
+  return layout.to_canonical_flat(mapping.flatten(
+      jax.tree.map(lambda x: fix_dtype(np.asarray(x)), params)))
 
 
 def read(path: str) -> Source:
