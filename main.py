@@ -98,6 +98,11 @@ def _init_distributed() -> None:
     jax.distributed.initialize(**explicit)
   except (ValueError, RuntimeError) as e:
     _fail(f'jax.distributed.initialize failed: {str(e).splitlines()[0]}')
+  if jax.default_backend() == 'cpu' and jax.process_count() > 1:
+    # CPU collectives (gloo) of an executable loaded from the persistent
+    # compilation cache never complete in jax 0.11-0.12: every process waits
+    # in the first all-reduce. Compile them in this run instead.
+    jax.config.update('jax_enable_compilation_cache', False)
 
 
 class _EarlySignals:

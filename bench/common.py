@@ -84,6 +84,15 @@ def program_memory(compiled) -> dict[str, int]:
   return {'temp': temp, 'peak': total}
 
 
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled program (XLA's cost analysis; nan when
+  the backend gives none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
 def compiled_temp_bytes(jitted, *args) -> int:
   """Temp (scratch) bytes of the compiled program, from memory_analysis()."""
   return program_memory(jitted.lower(*args).compile())['temp']

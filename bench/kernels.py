@@ -370,24 +370,31 @@ def time_case(case: Case, repeats: int, peak_tflops: float,
   return rows
 
 
-# name -> (config under configs/, model.moe overrides, classes).
+# name -> (config under configs/, model.moe overrides, classes). The dense
+# ViT-B/16 is the baseline of the MoE models' img/s (kernels do not apply).
 TRAIN_MODELS = {
+    'ViT-B/16': ('vit_b16', None, 1000),
     'V-MoE-B/16': ('vmoe_b16', {}, 1000),
     'V-MoE-B/16 dropless': ('vmoe_b16', {'dispatch': 'dropless'}, 1000),
     'Soft MoE-B/16': ('soft_moe_b16', {}, 1000),
 }
+# --models may also name CPU-sized models, to rehearse the train-step path
+# on a CPU host (bench/gpu_check.sh).
+MODELS = {**TRAIN_MODELS, 'V-MoE digits': ('vmoe_b16_digits', {}, 10)}
 
 
 def train_rows(batch: int, repeats: int, models=None,
-               modes=('xla', 'pallas'), dtype: str = 'bfloat16'
+               modes=('xla', 'pallas'), dtype: str = 'bfloat16',
+               peak_tflops: float | None = None
                ) -> tuple[list[dict], str]:
-  """Train step images/s for each model and `model.moe.kernels` mode.
+  """Train step images/s and MFU for each model and `model.moe.kernels`.
 
   The library's train step (`vmoe.train.steps.make_train_step`: AdamW,
   router noise and auxiliary losses on) on random images of the config's
-  size, jitted with the state donated; all steps interleaved. Returns
-  (rows, note): no rows and the reason where flax / optax / ml_collections
-  are missing.
+  size, jitted with the state donated; all steps interleaved. MFU = the
+  compiled step's FLOPs (XLA's cost analysis) per second over
+  `peak_tflops` (the measured bf16 matmul peak). Returns (rows, note): no
+  rows and the reason where flax / optax / ml_collections are missing.
   """
   try:
     import optax  # pylint: disable=g-import-not-at-top
@@ -396,13 +403,14 @@ def train_rows(batch: int, repeats: int, models=None,
     from vmoe.train import steps  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return [], f'train steps skipped: {e}'
-  calls, states = {}, {}
+  calls, states, flops = {}, {}, {}
   for model, (module, overrides, classes) in (models or TRAIN_MODELS).items():
-    for kernels in modes:
+    for kernels in (modes if overrides is not None else ('xla',)):
       config = common.load_config(module)
       cfg = config.model
       cfg.dtype = dtype
-      cfg.moe.update(dict(overrides, kernels=kernels))
+      if overrides is not None:
+        cfg.moe.update(dict(overrides, kernels=kernels))
       image = config.preprocess.image_size
       channels = config.preprocess.num_channels
       make = functools.partial(vit.create_model, cfg, num_classes=classes,
@@ -423,6 +431,7 @@ def train_rows(batch: int, repeats: int, models=None,
           model_fn, tx, seed=0, label_smoothing=0.0,
           learning_rate_fn=lambda s: 1e-4), donate_argnums=0)
       compiled = step.lower(states[key], data).compile()
+      flops[key] = common.compiled_flops(compiled)
 
       def call(key=key, compiled=compiled, data=data):
         states[key], metrics = compiled(states[key], data)
@@ -432,10 +441,14 @@ def train_rows(batch: int, repeats: int, models=None,
   t = common.time_interleaved(calls, repeats, warmup=1)
   rows = []
   for (model, kernels), sec in t.items():
+    tflops = flops[model, kernels] / sec / 1e12
     rows.append(dict(model=model, kernels=kernels, batch=batch,
                      step_ms=sec * 1e3, img_s=batch / sec,
                      vs_xla=(t[model, 'xla'] / sec if (model, 'xla') in t
-                             else float('nan'))))
+                             else float('nan')),
+                     tflops=tflops,
+                     mfu_pct=(100 * tflops / peak_tflops if peak_tflops
+                              else float('nan'))))
   return rows, ''
 
 
@@ -491,9 +504,10 @@ CPU_COLUMNS = ['kernel', 'shape', 'variant', 'backend', 'fwd_err', 'bwd_err',
                'seconds']
 CPU_HEADERS = ['kernel', 'shape', 'variant', 'backend', 'fwd err vs XLA',
                'grad err vs XLA', 'seconds (compile + run)']
-TRAIN_COLUMNS = ['model', 'kernels', 'batch', 'step_ms', 'img_s', 'vs_xla']
+TRAIN_COLUMNS = ['model', 'kernels', 'batch', 'step_ms', 'img_s', 'vs_xla',
+                 'tflops', 'mfu_pct']
 TRAIN_HEADERS = ['model', 'model.moe.kernels', 'batch', 'step ms', 'img/s',
-                 'speed-up vs xla']
+                 'speed-up vs xla', 'TFLOP/s', 'MFU % (bf16 peak)']
 CPU_NOTE = ('CPU host: the Pallas kernels run only interpreted here, which '
             'says nothing about their speed, so this run checks correctness '
             'only (tiny shapes, forward and gradients, each variant against '
@@ -502,19 +516,25 @@ CPU_NOTE = ('CPU host: the Pallas kernels run only interpreted here, which '
 
 
 def run(quick: bool = False, repeats: int | None = None, train: bool = True,
-        batch: int = 64, backends=compat.BACKENDS, only=None,
-        kernel_rows: bool = True,
+        batch: int = 128, backends=compat.BACKENDS, only=None,
+        kernel_rows: bool = True, dims: tuple[str, ...] = ('S', 'B'),
+        models=None,
         out_dir: str = common.RESULTS_DIR) -> tuple[str, list[dict]]:
   """Runs the kernel benchmark on the local backend: (markdown, rows).
 
-  backends, only: CPU mode only: which kernel backends to interpret and
-  which kernels (None: all). Writes kernels[_quick|_cpu].{md,csv,json} to
-  out_dir.
+  kernel_rows / train: which parts run; dims: the ViT sizes of the kernel
+  rows ('S', 'B'). backends, only: CPU mode only: which kernel backends to
+  interpret and which kernels (None: all). Writes
+  kernels[_quick|_train|_cpu].{md,csv,json} to out_dir.
   """
   platform = jax.default_backend()
   if platform == 'cpu':
     info = common.machine_info()
-    rows = cpu_rows(backends, only)
+    rows = cpu_rows(backends, only) if kernel_rows else []
+    if train and models:  # the train-step code path, at CPU-sized models
+      t_rows, _ = train_rows(batch, 2, models=models,
+                             peak_tflops=common.matmul_peak()['f32'] / 1e3)
+      rows += t_rows
     md = '\n'.join([
         '### Pallas kernels (CPU: interpret-mode correctness only)', '',
         common.machine_line(info), '', CPU_NOTE, '',
@@ -530,14 +550,21 @@ def run(quick: bool = False, repeats: int | None = None, train: bool = True,
   backend = compat.default_backend()
   t0 = time.perf_counter()
   rows = []
-  dims = [(f'ViT-{k}', *DIMS[k]) for k in (('S',) if quick else ('S', 'B'))]
-  for case in kernel_cases(64 if quick else 256, dims, dtype, backend, False):
-    rows += time_case(case, reps, peak['bf16'] / 1e3, gbs)
-    print(f'  [kernels: {case.kernel} {case.shape}: '
-          f'{time.perf_counter() - t0:.0f} s]', flush=True)
+  if kernel_rows:
+    sizes = ('S',) if quick else dims
+    cases = kernel_cases(64 if quick else 256,
+                         [(f'ViT-{k}', *DIMS[k]) for k in sizes], dtype,
+                         backend, False)
+    for case in cases:
+      if only is not None and case.kernel not in only:
+        continue
+      rows += time_case(case, reps, peak['bf16'] / 1e3, gbs)
+      print(f'  [kernels: {case.kernel} {case.shape}: '
+            f'{time.perf_counter() - t0:.0f} s]', flush=True)
   t_rows, note = ([], 'train steps not run (--quick / --no-train)')
   if train and not quick:
-    t_rows, note = train_rows(batch, max(3, reps // 2))
+    t_rows, note = train_rows(batch, max(3, reps // 2), models=models,
+                              peak_tflops=peak['bf16'] / 1e3)
   md = '\n'.join([
       f'### Pallas kernels on {info["devices"]} ({"quick" if quick else "full"})',
       '', common.machine_line(info) + f' Measured bandwidth {gbs:.0f} GB/s.',
@@ -564,17 +591,43 @@ def main():
   parser.add_argument('--no-kernels', action='store_true',
                       help='skip the kernel rows (train steps only)')
   parser.add_argument('--repeats', type=int, default=None)
-  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--dims', default='S,B',
+                      help='ViT sizes of the kernel rows (S, B)')
   parser.add_argument('--only', default=None,
                       help='comma-separated kernels (routing, dispatch, gmm, '
                       'soft)')
   parser.add_argument('--backends', default=','.join(compat.BACKENDS),
                       help='CPU mode: kernel backends to interpret')
+  parser.add_argument('--models', default=None,
+                      help='comma-separated train-step models (default: '
+                      + ', '.join(TRAIN_MODELS) + '; also: '
+                      + ', '.join(set(MODELS) - set(TRAIN_MODELS)) + ')')
+  parser.add_argument('--max-error', type=float, default=None,
+                      help='exit 1 if a kernel row differs from XLA by more '
+                      '(relative, forward or gradient)')
   args = parser.parse_args()
   only = tuple(args.only.split(',')) if args.only else None
-  print(run(args.quick, args.repeats, train=not args.no_train,
-            batch=args.batch, backends=tuple(args.backends.split(',')),
-            only=only, kernel_rows=not args.no_kernels)[0])
+  if args.models:
+    unknown = set(args.models.split(',')) - set(MODELS)
+    if unknown:
+      parser.error(f'--models: unknown {sorted(unknown)}; known: '
+                   f'{list(MODELS)}')
+  models = ({m: MODELS[m] for m in args.models.split(',')}
+            if args.models else None)
+  md, rows = run(args.quick, args.repeats, train=not args.no_train,
+                 batch=args.batch, backends=tuple(args.backends.split(',')),
+                 only=only, kernel_rows=not args.no_kernels,
+                 dims=tuple(args.dims.split(',')), models=models)
+  print(md)
+  if args.max_error is not None:
+    bad = [r for r in rows for k in ('fwd_err', 'bwd_err')
+           if k in r and r[k] > args.max_error]
+    if bad:
+      print(f'FAIL: {len(bad)} kernel rows differ from XLA by more than '
+            f'{args.max_error}: ' + '; '.join(
+                f"{r['kernel']} {r['shape']} {r['variant']}" for r in bad[:5]))
+      raise SystemExit(1)
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ kernels compile into the expected custom call.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 from typing import Any, Callable
@@ -71,10 +72,15 @@ def tpu_interpret(detect_races: bool = False) -> Any:
     return True
   if not detect_races:
     return params()
-  try:
-    return params(detect_races=True, num_cores_or_threads=2)
-  except TypeError:  # no multi-core simulation in this version
-    return params(detect_races=True)
+  # on_race='warn': record races instead of raising at the first (the
+  # default since jax 0.12); older versions lack it, or the multi-core
+  # simulation.
+  for kwargs in (dict(num_cores_or_threads=2, on_race='warn'),
+                 dict(num_cores_or_threads=2), {}):
+    try:
+      return params(detect_races=True, **kwargs)
+    except TypeError:
+      continue
 
 
 def races_detected() -> bool | None:
@@ -224,8 +230,30 @@ def lower(fn: Callable, *args, backend: str) -> str:
   operations); the text contains the kernel's custom call on success.
   """
   platform = _PLATFORM[backend]
-  traced = jax.jit(fn).trace(*args)
-  return traced.lower(lowering_platforms=(platform,)).as_text()
+  with _target_device(platform):
+    traced = jax.jit(fn).trace(*args)
+    return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+# The GPU that `lower` targets from a host without one: compute capability
+# 9.0, jax 0.10's fallback for Triton lowering without a GPU.
+_CUDA_DEVICE_KIND = 'NVIDIA H100'
+
+
+def _target_device(platform: str):
+  """Context in which jit lowers for `platform` from this host.
+
+  Since jax 0.11 Triton kernels lower only for a known GPU: a local one or
+  the abstract device of the context's abstract mesh (`AbstractDevice`, with
+  no default for `num_cores`). Other platforms need nothing.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if (platform != 'cuda' or jax.default_backend() == 'gpu'
+      or mesh.abstract_device is not None):
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(
+      device_kind=_CUDA_DEVICE_KIND, num_cores=None, platform='cuda')
+  return jax.sharding.use_abstract_mesh(mesh.update(abstract_device=device))
 
 
 def custom_calls(mlir_text: str) -> list[str]:

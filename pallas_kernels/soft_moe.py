@@ -547,9 +547,8 @@ def _call_tpu(k: _Kernel, arrays: dict, lengths: dict, g: int, d: int,
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shapes,
-      grid_spec=pl.GridSpec(
-          grid=(g, padded[k.outer] // to, n_inner), in_specs=in_specs,
-          out_specs=out_specs, scratch_shapes=scratch),
+      grid=(g, padded[k.outer] // to, n_inner), in_specs=in_specs,
+      out_specs=out_specs, scratch_shapes=scratch,
       compiler_params=compat.tpu_params(
           dimension_semantics=('parallel', 'parallel', 'arbitrary')),
       interpret=cfg.interpret,
@@ -626,12 +625,18 @@ def _call_triton(k: _Kernel, arrays: dict, lengths: dict, g: int, d: int,
                                   *operands)
                 for kind, dt in zip(k.outs, out_dtypes)]
   full = lambda shape: compat.block_spec(shape, lambda *_: (0,) * len(shape))
+  # Matrices in blocks of dp columns, so that the kernel's pl.ds(0, dp) stays
+  # inside its block (jax >= 0.12 rejects static slices past a ref's end);
+  # the Triton lowering masks the columns past d, the interpreter pads them.
+  padded = lambda shape: full((*shape[:-1], dp))
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shapes,
       grid=(g, pl.cdiv(length, to)),
-      in_specs=[full(v.shape) for v in operands],
-      out_specs=[full(s.shape) for s in out_shapes],
+      in_specs=[full(v.shape) if arg.vec else padded(v.shape)
+                for v, (_, arg) in zip(operands, k.args)],
+      out_specs=[padded(s.shape) if kind == 'mat' else full(s.shape)
+                 for s, kind in zip(out_shapes, k.outs)],
       compiler_params=compat.triton_params(num_warps=4 if dp <= 256 else 8,
                                            num_stages=2),
       interpret=cfg.interpret,

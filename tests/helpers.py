@@ -48,6 +48,16 @@ def load_config(name: str) -> ml_collections.ConfigDict:
       os.path.join(REPO, 'configs', f'{name}.py'))
 
 
+def set_fields(config, overrides: dict) -> None:
+  """config[a][b] = value for each 'a.b': value of `overrides`."""
+  for key, value in overrides.items():
+    node = config
+    *parents, name = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[name] = value
+
+
 def tiny_digits_config(data_dir: str, **overrides):
   """A seconds-long training config on digits (ViT-mu/2); `overrides` are
   dotted field names ('optimizer.learning_rate') and values."""
@@ -64,12 +74,7 @@ def tiny_digits_config(data_dir: str, **overrides):
   config.checkpoint_every_steps = 4
   config.schedule.warmup_steps = 2
   config.optimizer.learning_rate = 3e-3
-  for key, value in overrides.items():
-    node = config
-    *parents, name = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[name] = value
+  set_fields(config, overrides)
   return config
 
 
@@ -88,6 +93,38 @@ def tiny_digits_config_file(tmp_path, data_dir: str, moe: dict | None = None,
       f'{moe_line}'
       '  return config\n')
   return str(path)
+
+
+# -- tiny ViTs of the checkpoint fixtures -------------------------------------
+
+
+def fixture_vit_config(**kw) -> ml_collections.ConfigDict:
+  """`config.model` of the tiny ViTs of tests/data (width 32, 2 heads, MLP 64,
+  patch 4, 2 blocks, class token, tanh GELU); `kw` overrides."""
+  cfg = ml_collections.ConfigDict(dict(
+      variant='S/4', width=32, depth=2, mlp_dim=64, num_heads=2, pool='tok',
+      gelu='tanh', moe=None))
+  cfg.update(kw)
+  return cfg
+
+
+def imported_logits(source, model_cfg, images, num_classes: int = 5
+                    ) -> np.ndarray:
+  """Logits [b, num_classes] of the model `model_cfg` with the parameters of
+  a checkpoint `source` (`vmoe.checkpoints.read`) on float images
+  [b, 16, 16, 3]."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vmoe import checkpoints  # pylint: disable=g-import-not-at-top
+  from vmoe.nn import vit  # pylint: disable=g-import-not-at-top
+  abstract = nnx.eval_shape(lambda: vit.create_model(
+      model_cfg, num_classes=num_classes, image_size=16, num_channels=3,
+      rngs=nnx.Rngs(0)))
+  graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+  params = checkpoints.import_params(source, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  logits, _ = fast_jit(lambda st, x: nnx.merge(graphdef, st, rest)(x))(
+      state, jnp.asarray(images))
+  return np.asarray(logits)
 
 
 # -- tiny MoE layers ----------------------------------------------------------

@@ -126,7 +126,8 @@ def test_statistics_hand():
 
 
 def test_class_usage_and_nmi_hand():
-  from sklearn.metrics import normalized_mutual_info_score
+  normalized_mutual_info_score = pytest.importorskip(
+      'sklearn.metrics').normalized_mutual_info_score
   # Class 0 images use experts 0, 0, 1; class 1 images use 1, 2, 2 (and 2).
   trace = synthetic_trace([[0, 0, 1], [1, 2, 2], [-1, 2, 2]], [0, 1, 1])
   counts = analysis.class_usage(trace, 1)
@@ -424,6 +425,7 @@ def test_study_configs_and_retarget(digits_data_dir):
   # keep 4 images, Soft MoE its slots per token (17 * 65 / 17 = 65).
   cfg = configs['soft_k2']
   cfg.dataset.data_dir = digits_data_dir
+  pytest.importorskip('tensorflow_datasets')  # retarget: a TFDS dataset
   moved = analysis.runs.retarget(cfg, 'digits', image_size=16,
                                  data_dir=digits_data_dir)
   assert moved.preprocess.image_size == 16

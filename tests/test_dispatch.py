@@ -3,6 +3,7 @@
 import functools
 
 import jax
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -164,7 +165,7 @@ def _largest_intermediate(fn, *args) -> int:
     for eqn in jaxpr.eqns:
       for v in eqn.outvars:
         best = max(best, int(np.prod(getattr(v.aval, 'shape', ()))))
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jex_core.jaxprs_in_params(eqn.params):
         best = max(best, walk(sub))
     return best
   return walk(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -52,6 +52,12 @@ def _config(data_dir, **overrides):
   return tiny_digits_config(data_dir, **{**fields, **overrides})
 
 
+def _tfds_config(data_dir, **overrides):
+  """`_config` on the TFDS digits (tests of TFDS files and data_dir)."""
+  pytest.importorskip('tensorflow_datasets')
+  return _config(data_dir, **{'dataset.source': 'tfds', **overrides})
+
+
 def _no_model(monkeypatch):
   def forbidden(*args, **kwargs):
     raise AssertionError('the model was built before the error was found')
@@ -90,6 +96,7 @@ def workdir(trained, tmp_path):
 
 def _data_copy(digits_data_dir, tmp_path) -> tuple[str, dict[str, str]]:
   """A copy of the digits data_dir and its {split: tfrecord path}."""
+  pytest.importorskip('tensorflow_datasets')
   data_dir = tmp_path / 'tfds'
   shutil.copytree(digits_data_dir, data_dir)
   files = {}
@@ -227,7 +234,7 @@ def test_bad_data_dir(digits_data_dir, tmp_path, monkeypatch):
   afile.write_text('not a directory')
   for data_dir, message in ((afile, 'is a file, not a directory'),
                             (afile / 'sub', 'cannot be created')):
-    _user_error(_config(str(data_dir)), tmp_path / 'w',
+    _user_error(_tfds_config(str(data_dir)), tmp_path / 'w',
                 f'config.dataset.data_dir={str(data_dir)!r}', message)
   assert not (tmp_path / 'w').exists()
 
@@ -238,22 +245,25 @@ def test_broken_data_files_are_named_before_the_model(
   data_dir, files = _data_copy(digits_data_dir, tmp_path)
   with open(files['train'], 'r+b') as f:
     f.truncate(os.path.getsize(files['train']) // 2)
-  _user_error(_config(data_dir), workdir, files['train'], 'is truncated')
+  _user_error(_tfds_config(data_dir), workdir, files['train'],
+              'is truncated')
   data_dir, files = _data_copy(digits_data_dir, tmp_path / 'b')
   os.remove(files['test'])
-  _user_error(_config(data_dir), workdir, "config.dataset.eval_split='test'",
+  _user_error(_tfds_config(data_dir), workdir,
+              "config.dataset.eval_split='test'",
               files['test'], 'is missing')
 
 
-def test_eval_read_error_keeps_the_steps_checkpoint(digits_data_dir, workdir,
+def test_eval_read_error_keeps_the_steps_checkpoint(digits_data_dir,
                                                     tmp_path):
   """Damage inside a record (framing intact) shows when the eval split is
   read, after checkpoint 6 was saved; the error names the file."""
+  workdir = tmp_path / 'work'
   data_dir, files = _data_copy(digits_data_dir, tmp_path)
   data = bytearray(pathlib.Path(files['test']).read_bytes())
   data[20:40] = bytes(20)  # inside the first record's data: bad CRC
   pathlib.Path(files['test']).write_bytes(bytes(data))
-  config = _config(data_dir, num_train_steps=6, eval_every_steps=6)
+  config = _tfds_config(data_dir, num_train_steps=6, eval_every_steps=6)
   with pytest.raises(trainer.pipeline.DataError) as info:
     trainer.train_and_evaluate(config, str(workdir))
   assert f'cannot read {files["test"]}' in str(info.value)
@@ -510,11 +520,17 @@ def test_main_on_a_finished_workdir_and_a_locked_one(digits_data_dir,
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_main_interrupted_while_starting_writes_nothing(digits_data_dir,
                                                         workdir, tmp_path):
-  """SIGINT before training starts (here: while jax and TF import)."""
+  """SIGINT before training starts (here: while the config file loads)."""
   config = tiny_digits_config_file(tmp_path, digits_data_dir,
                                    num_train_steps=6)
+  slow = tmp_path / 'slow_config.py'  # a start that outlasts the signal
+  slow.write_text('import time\n'
+                  f'exec(open({config!r}).read())\n'
+                  'time.sleep(8)\n')
+  config = str(slow)
   before = _snapshot(workdir)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   child = subprocess.Popen(

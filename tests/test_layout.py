@@ -30,6 +30,7 @@ LAYERS = (
     ('vmoe.analysis', 7),
     ('vmoe.evaluate', 8),
     ('vmoe.predict', 8),
+    ('vmoe.export', 8),
     ('vmoe', 9),  # the package itself and anything new: flagged below
 )
 # Kernels implement the routing decision types of vmoe.nn.routing.
@@ -130,6 +131,25 @@ def test_no_import_circle():
     if v not in index:
       visit(v)
   assert not circles, f'import circles: {circles}'
+
+
+FIRST_PARTY = ('configs', 'pallas_kernels', 'bench', 'tests', 'main')
+
+
+def test_the_library_imports_no_experiment_or_test_code():
+  """vmoe/ imports none of the repository's other top-level code (configs
+  are files loaded by path; the kernels are vmoe.kernels)."""
+  found = []
+  for name, path in _modules().items():
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ''] if isinstance(node, ast.ImportFrom)
+                 and not node.level else [])
+      found += [f'{name} -> {t}' for t in targets
+                if t.split('.')[0] in FIRST_PARTY]
+  assert not found, found
 
 
 def test_imports_point_down():

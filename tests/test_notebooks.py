@@ -3,10 +3,11 @@ and produces its key outputs (tables, plots)."""
 
 import os
 
-import nbclient
-import nbformat
-import pandas as pd
 import pytest
+
+nbclient = pytest.importorskip('nbclient')
+nbformat = pytest.importorskip('nbformat')
+pd = pytest.importorskip('pandas')
 
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(__file__)),

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vmoe.recipes import common
 from vmoe import checkpoints
 from vmoe import config_flag
 from vmoe import predict
-from vmoe.data import digits
+from vmoe.checkpoints import checkpointer as checkpoint_lib
+from vmoe.data import embedded
 from vmoe.nn import moe
 from vmoe.nn import routing as rt
 from vmoe.nn import vit
-from vmoe.checkpoints import checkpointer as checkpoint_lib
+from vmoe.recipes import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,8 @@ def workdir(tmp_path_factory):
   ckpt.save(7, {'step': np.int32(7), 'params': params})
   ckpt.close()
   (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  images, labels = digits.load_sklearn_digits()
+  arrays = embedded.load('digits')
+  images, labels = arrays['train_image'], arrays['train_label']
   files = []
   for i in (0, 1, 2):
     files.append(str(path / f'digit{i}_{labels[i]}.png'))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import fast_jit
+from tests.helpers import fast_jit, fixture_vit_config, imported_logits
 from vmoe import checkpoints
 from vmoe.nn import moe
 from vmoe.nn import routing as rt
@@ -147,25 +147,9 @@ def test_soft_moe_matches_vmoe_with_and_without_bf16_rounding():
 EXPECTED = _load('big_vision_vit_expected.npz')
 
 
-def _model_config(**kw):
-  cfg = ml_collections.ConfigDict(dict(
-      variant='S/4', width=32, depth=2, mlp_dim=64, num_heads=2, pool='tok',
-      gelu='tanh', moe=None))
-  cfg.update(kw)
-  return cfg
-
-
 def _imported_logits(path, model_cfg):
   source = checkpoints.read(path)
-  abstract = nnx.eval_shape(lambda: vit.create_model(
-      model_cfg, num_classes=5, image_size=16, num_channels=3,
-      rngs=nnx.Rngs(0)))
-  graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-  params = checkpoints.import_params(source, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  logits, _ = fast_jit(lambda st, x: nnx.merge(graphdef, st, rest)(x))(
-      state, jnp.asarray(EXPECTED['images']))
-  return np.asarray(logits), source
+  return imported_logits(source, model_cfg, EXPECTED['images']), source
 
 
 @pytest.mark.parametrize('name,model_kw', [
@@ -179,7 +163,7 @@ def test_imported_vit_gives_reference_logits(name, model_kw):
   file = {'vit_tok': 'big_vision_vit_tok.npz', 'gap': 'big_vision_vit_gap.npz',
           'tok_bv': 'big_vision_vit_tok_bv.npz'}[name]
   logits, source = _imported_logits(os.path.join(DATA, file),
-                                    _model_config(**model_kw))
+                                    fixture_vit_config(**model_kw))
   assert source.format == 'big_vision'
   np.testing.assert_allclose(logits, EXPECTED[f'{name}/logits'], rtol=0,
                              atol=1e-5)
@@ -201,7 +185,7 @@ def _vmoe_model_config(**moe_kw):
       capacity_factor=dispatcher['capacity_factor'],
       capacity_rounding=dispatcher['capacity_ceil_or_round'],
       capacity_multiple=dispatcher['capacity_multiple_of'], **moe_kw))
-  return _model_config(mlp_dim=cfg['mlp_dim'], moe=moe_cfg)
+  return fixture_vit_config(mlp_dim=cfg['mlp_dim'], moe=moe_cfg)
 
 
 def test_imported_vmoe_gives_reference_logits():

@@ -16,6 +16,7 @@ checkpoints, train, evaluate) may import it.
 from __future__ import annotations
 
 import math
+import importlib
 from typing import Any, Callable, Mapping
 
 # need(ok, field, why): raises a one-line error naming <prefix>.<field> and
@@ -25,6 +26,21 @@ Need = Callable[[bool, str, str], None]
 
 class ConfigError(ValueError):
   """An invalid config value; the message is one line naming the field."""
+
+
+class MissingPackageError(ConfigError):
+  """An optional package that the config asks for is not installed (one
+  line naming the `pip install` that fixes it)."""
+
+
+def require(module: str, pip: str, what: str) -> Any:
+  """`import module`, or MissingPackageError naming `pip install <pip>`."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise MissingPackageError(
+        f'{what} needs {pip!r}, which is not installed: pip install '
+        f'{pip}') from None
 
 
 def is_bool(v: Any) -> bool:

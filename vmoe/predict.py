@@ -60,12 +60,22 @@ class PredictError(ValueError):
 
 
 def class_names(config, num_classes: int) -> list[str] | None:
-  """Label names of config.dataset from TFDS, if it knows the dataset (its
-  info needs no prepared data for the datasets TFDS defines)."""
+  """Label names of config.dataset, None when the data has none. For TFDS,
+  from the builder's info where TFDS knows the dataset (it needs no prepared
+  data for the datasets TFDS defines)."""
+  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+  if config.dataset.get('source', 'tfds') != 'tfds':
+    try:
+      names = pipeline.label_names(config.dataset)
+    except pipeline.DataError:
+      return None
+    return names if names and len(names) == num_classes else None
   import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
-  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None  # without TFDS: indices
   name = config.dataset.name
   if name.split(':')[0].split('/')[0] in pipeline.EMBEDDED_DATASETS:
     from vmoe.data import digits  # pylint: disable=g-import-not-at-top,unused-import

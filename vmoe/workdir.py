@@ -36,6 +36,7 @@ RESUME_CHANGEABLE = (
     'checkpoint_every_steps', 'max_to_keep', 'dry_run',
     # Where the data lives and how it is read (not what it is).
     'dataset.data_dir', 'dataset.download', 'dataset.cache',
+    'dataset.num_workers',
     # Evaluation only.
     'eval_batch_size', 'dataset.eval_split', 'model.moe.eval_capacity_factor',
     'fewshot',

@@ -152,14 +152,17 @@ def retarget(config: ml_collections.ConfigDict, dataset: str, *,
   the active compute per token is unchanged. Natural images get random
   horizontal flips.
   """
-  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vmoe.data import base  # pylint: disable=g-import-not-at-top
+  base.source_class('tfds')  # one line naming the pip install without TFDS
+  from vmoe.data import tfds_source  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.dataset.source = 'tfds'
   cfg.dataset.name = dataset
   cfg.dataset.download = bool(download)
   cfg.dataset.train_split, cfg.dataset.eval_split = train_split, eval_split
   if data_dir:
     cfg.dataset.data_dir = data_dir
-  builder = pipeline.prepare_dataset(cfg.dataset)
+  builder = tfds_source.prepare_dataset(cfg.dataset)
   shape = builder.info.features[cfg.dataset.image_key].shape
   cfg.preprocess.num_channels = int(shape[-1]) if shape and shape[-1] else 3
   cfg.preprocess.flip = dataset != 'digits'

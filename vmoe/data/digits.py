@@ -1,26 +1,16 @@
-"""TFDS builder `digits`: the 8x8 handwritten digits that ship with scikit-learn.
+"""TFDS builder `digits`: the embedded 8x8 digits as a TFDS dataset.
 
-This is the embedded default data set of the project: it is built from
-`sklearn.datasets.load_digits()` (bundled inside the scikit-learn package), so
-preparing it never touches the network. It goes through exactly the same
-`tfds` + `tf.data` input pipeline (`vmoe.data.pipeline`) as real datasets.
+The examples are those of `vmoe/data/digits.npz` (`vmoe.data.embedded`: the
+8x8 handwritten digits that ship with scikit-learn, with its fixed 1497 / 300
+train / test split), so preparing the dataset never touches the network and
+needs no scikit-learn. It goes through exactly the same `tfds` + `tf.data`
+input pipeline as real datasets; the arrays source reads the same examples
+without TensorFlow.
 
 Importing this module registers the builder, after which
 `tfds.builder('digits', data_dir=...)` works like for any TFDS dataset.
-
-Contents (1797 examples, 10 classes):
-  image: uint8 [8, 8, 1], PNG-encoded. scikit-learn stores counts 0..16 (on
-    pixels in a 4x4 block of the 32x32 original); they are rescaled to 0..255 as
-    `floor(v * 255 / 16 + 0.5)` (0 -> 0, 16 -> 255, exact inverse of the
-    rescale up to rounding, so `round(image * 16 / 255) == v`).
-  label: ClassLabel with names '0'..'9'.
-  id: int64, the row index of the example in `load_digits()`.
-
-Splits (fixed, stratified, independent of any run seed):
-  test: 30 examples of every class = 300. For each class c, the indices
-    `np.flatnonzero(target == c)` are permuted with
-    `np.random.RandomState(SPLIT_SEED + c)` and the first 30 go to test.
-  train: the remaining 1497 examples (144..153 per class).
+Features: image uint8 [8, 8, 1] (PNG-encoded), label (ClassLabel '0'..'9'),
+id (int64, the row index of the example in scikit-learn's `load_digits()`).
 """
 
 import os
@@ -33,10 +23,10 @@ from etils import epath  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from vmoe.data import embedded  # pylint: disable=g-import-not-at-top
+
 NAME = 'digits'
-NUM_CLASSES = 10
-TEST_PER_CLASS = 30
-SPLIT_SEED = 0
+NUM_CLASSES = embedded.NUM_CLASSES
 NUM_TRAIN_EXAMPLES = 1497
 NUM_TEST_EXAMPLES = 300
 
@@ -45,7 +35,7 @@ Optical Recognition of Handwritten Digits (UCI), as shipped with scikit-learn
 (`sklearn.datasets.load_digits`): 1797 grayscale 8x8 images of the digits 0-9.
 Pixel counts 0..16 are rescaled to uint8 0..255 with floor(v * 255 / 16 + 0.5).
 Fixed stratified split: 30 test images per class (300 test, 1497 train), chosen
-per class with numpy RandomState(class_index).
+per class with numpy RandomState(class_index) (vmoe/data/embedded.py).
 """
 
 _CITATION = """\
@@ -57,27 +47,6 @@ _CITATION = """\
   doi = {10.24432/C50P49},
 }
 """
-
-
-def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images uint8 [n, 8, 8, 1] in 0..255, labels int64 [n]), n = 1797."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  digits = datasets.load_digits()
-  counts = np.asarray(digits.images, dtype=np.float64)  # [n, 8, 8], 0..16.
-  images = np.floor(counts * 255.0 / 16.0 + 0.5).astype(np.uint8)[..., None]
-  return images, np.asarray(digits.target, dtype=np.int64)
-
-
-def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-  """Returns the fixed {'train': idx, 'test': idx} (sorted row indices)."""
-  test = []
-  for c in range(NUM_CLASSES):
-    members = np.flatnonzero(labels == c)
-    perm = np.random.RandomState(SPLIT_SEED + c).permutation(len(members))
-    test.append(members[perm[:TEST_PER_CLASS]])
-  test = np.sort(np.concatenate(test))
-  train = np.setdiff1d(np.arange(len(labels)), test)
-  return {'train': train, 'test': test}
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
@@ -115,13 +84,14 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    del dl_manager  # The data ships with scikit-learn: nothing to download.
-    images, labels = load_sklearn_digits()
-    return {
-        split: self._generate_examples(images, labels, idx)
-        for split, idx in split_indices(labels).items()
-    }
+    del dl_manager  # The data ships with this package: nothing to download.
+    arrays = embedded.load(NAME)
+    return {split: self._generate_examples(arrays, split)
+            for split in embedded.SPLITS}
 
-  def _generate_examples(self, images, labels, indices):
-    for i in indices:
-      yield int(i), {'image': images[i], 'label': int(labels[i]), 'id': int(i)}
+  def _generate_examples(self, arrays, split):
+    for image, label, index in zip(arrays[f'{split}_image'],
+                                   arrays[f'{split}_label'],
+                                   arrays[f'{split}_id']):
+      yield int(index), {'image': image, 'label': int(label),
+                         'id': int(index)}

@@ -14,19 +14,25 @@ import math
 import tensorflow as tf
 
 def decode(image, num_channels: int) -> tf.Tensor:
-  """Encoded bytes or uint8 [h, w, c] -> uint8 [h, w, num_channels]."""
+  """Encoded bytes or uint8 [h, w, c] -> uint8 [h, w, num_channels]: gray
+  (c 1 or 2, alpha dropped) is repeated to RGB, RGB(A) becomes TF's
+  grayscale, an alpha channel is dropped (np_ops.decode does the same)."""
   if image.dtype == tf.string:
     # The decoders convert grayscale <-> RGB themselves when asked for channels.
     image = tf.io.decode_image(image, channels=num_channels,
                                expand_animations=False, dtype=tf.uint8)
   else:
-    image = tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
-    if image.shape[-1] != num_channels:
-      if image.shape[-1] == 1:
-        image = tf.tile(image, [1, 1, num_channels])
-      else:
-        image = tf.cast(tf.round(tf.image.rgb_to_grayscale(
-            tf.cast(image[..., :3], tf.float32))), tf.uint8)
+    if image.dtype != tf.uint8:
+      raise ValueError(f'images must be uint8, not {image.dtype.name}')
+    c = image.shape[-1]
+    if c not in (1, 2, 3, 4):
+      raise ValueError(f'images have {c} channels, not 1-4')
+    image = image[..., :1] if c in (1, 2) else image[..., :3]
+    if num_channels == 3 and c in (1, 2):
+      image = tf.tile(image, [1, 1, 3])
+    elif num_channels == 1 and c in (3, 4):
+      image = tf.cast(tf.round(tf.image.rgb_to_grayscale(
+          tf.cast(image, tf.float32))), tf.uint8)
   image.set_shape([None, None, num_channels])
   return image
 
@@ -49,7 +55,8 @@ def normalise(image, value_range) -> tf.Tensor:
 
 
 def train_image(image, key, pp) -> tf.Tensor:
-  """uint8 [h, w, c] -> augmented float32 [S, S, c] (stateless, seeded by key)."""
+  """uint8 [h, w, c] -> augmented float32 [S, S, c] (stateless, seeded by
+  key): crop, flip, RandAugment (`pp.randaug`)."""
   size = pp.image_size
   crop_key, flip_key = tf.unstack(
       tf.random.experimental.stateless_split(key, 2))
@@ -74,6 +81,15 @@ def train_image(image, key, pp) -> tf.Tensor:
     image = resize(image, [size, size], pp)
   if pp.get('flip', False):
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+  randaug = pp.get('randaug', None)
+  if randaug:
+    from vmoe.data import randaug_tf  # pylint: disable=g-import-not-at-top
+    # On the uint8 crop, as big_vision (its crop casts back to uint8); its own
+    # key, so that the crop and flip draws stay those of runs without it.
+    image = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+    image = tf.cast(randaug_tf.randaugment(
+        image, tf.random.experimental.stateless_fold_in(key, 2),
+        num_layers=randaug[0], magnitude=randaug[1]), tf.float32)
   return image
 
 

@@ -4,8 +4,8 @@ One code path serves the embedded `digits` dataset (`vmoe.data.digits`, built on
 first use from data shipped with scikit-learn) and any prepared TFDS dataset
 (`cifar10`, `imagenet2012`, `imagenet21k`, `oxford_iiit_pet`, ...) read from a
 user-supplied `data_dir`. Nothing here ever touches the network unless
-`config.dataset.download=True`. This module (with `tf_ops`) is the only one
-that imports TensorFlow.
+`config.dataset.download=True`. TensorFlow is imported by this module and
+the modules it uses (`tf_ops`, `randaug_tf`, the `digits` builder) only.
 
 Training stream (per process; b = local batch size = batch_size // process_count):
 
@@ -45,6 +45,7 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from vmoe.config import first_line  # pylint: disable=g-import-not-at-top
 from vmoe.data import base  # pylint: disable=g-import-not-at-top
+from vmoe.data import embedded  # pylint: disable=g-import-not-at-top
 from vmoe.data import tf_ops  # pylint: disable=g-import-not-at-top
 from vmoe.data.base import DataError, DatasetNotFoundError  # pylint: disable=g-import-not-at-top
 
@@ -55,11 +56,7 @@ except (RuntimeError, ValueError):  # Devices already initialised / no TPU type.
   pass
 tf.get_logger().setLevel('ERROR')
 
-EMBEDDED_DATASETS = ('digits',)
-
-# Stream tags folded into the seed so the shuffle, augmentation and mixup
-# random streams are independent of each other.
-_SHUFFLE, _AUGMENT, _MIXUP = 0, 1, 2
+EMBEDDED_DATASETS = tuple(embedded.EMBEDDED)
 
 _BUILDERS: dict[tuple[str, str | None], tfds.core.DatasetBuilder] = {}
 
@@ -399,13 +396,13 @@ def _read_split(builder, split, dataset_cfg):
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def eval_image(image, pp) -> np.ndarray:
+def eval_image_tf(image, pp) -> np.ndarray:
   """Encoded image bytes (JPEG/PNG/...) or a uint8 [h, w, c] array -> float32
   [S, S, C] preprocessed exactly as the eval split (decode, resize the short
   side, central crop, value_range); pp: config.preprocess."""
   base.check_preprocess(pp)
-  image = tf_ops.eval_image(tf_ops.decode(tf.convert_to_tensor(image), pp.num_channels),
-                      pp)
+  image = tf_ops.eval_image(
+      tf_ops.decode(tf.convert_to_tensor(image), pp.num_channels), pp)
   return tf_ops.normalise(image, pp.value_range).numpy()
 
 
@@ -433,12 +430,9 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   function of the config (seed, data, preprocessing) and process index/count;
   starting at `start_step` = n gives exactly batches n, n+1, ... of the stream.
   """
-  base.check_process(process_index, process_count)
-  b = base.local_batch(config.batch_size, process_count, 'config.batch_size')
-  if not isinstance(start_step, int) or start_step < 0:
-    raise ValueError(f'start_step={start_step!r} must be a non-negative int')
+  b = base.stream_batch(config, 'batch_size', process_index, process_count,
+                        start_step)
   dcfg, pp = config.dataset, config.preprocess
-  base.check_preprocess(pp)
   seed = int(config.seed)
   builder = prepare_dataset(dcfg)
   k = num_classes(dcfg)
@@ -456,7 +450,7 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   if dcfg.get('cache', False):
     records = records.cache()
   buffer = max(1, min(int(dcfg.get('shuffle_buffer', 10_000)), n))
-  shuffle_key = tf_ops.base_key(seed, process_index, _SHUFFLE)
+  shuffle_key = tf_ops.base_key(seed, process_index, base.SHUFFLE)
 
   def epoch(e):
     """Records of epoch e, shuffled with a seed that depends on e only."""
@@ -474,7 +468,7 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   first_epoch, offset = divmod(start_step * b, n)
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
 
-  augment_key = tf_ops.base_key(seed, process_index, _AUGMENT)
+  augment_key = tf_ops.base_key(seed, process_index, base.AUGMENT)
 
   def preprocess(position, record):
     key = tf.random.experimental.stateless_fold_in(augment_key, position)
@@ -490,7 +484,7 @@ def train_iterator(config, *, start_step: int = 0, process_index: int = 0,
   ds = ds.batch(b, drop_remainder=True)
 
   alpha = float(pp.get('mixup_alpha', 0.0))
-  mixup_key = tf_ops.base_key(seed, process_index, _MIXUP)
+  mixup_key = tf_ops.base_key(seed, process_index, base.MIXUP)
 
   def finish(batch):
     position = batch.pop('position')
@@ -532,11 +526,9 @@ def eval_iterator(config, *, process_index: int = 0,
   collective evaluation steps stay in lockstep; each real example appears
   exactly once across all processes.
   """
-  base.check_process(process_index, process_count)
-  b = base.local_batch(config.eval_batch_size, process_count,
-                   'config.eval_batch_size')
+  b = base.stream_batch(config, 'eval_batch_size', process_index,
+                        process_count)
   dcfg, pp = config.dataset, config.preprocess
-  base.check_preprocess(pp)
   builder = prepare_dataset(dcfg)
   shares, sizes = _eval_shares(builder, dcfg.eval_split, process_count)
   steps = max(1, -(-max(sizes) // b))
@@ -562,3 +554,42 @@ def eval_iterator(config, *, process_index: int = 0,
   ds = ds.concatenate(padding).batch(b, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(tf_ops.options())
   return _as_numpy(ds, builder, dcfg.eval_split, 'config.dataset.eval_split')
+
+
+class TfdsSource(base.Source):
+  """A prepared TFDS dataset (`config.dataset.name` in `data_dir`)."""
+
+  FIELDS = ('download', 'cache', 'shuffle_buffer', 'image_key',
+            'label_key')
+
+  def prepare(self) -> None:
+    prepare_dataset(self.dataset_cfg)
+
+  def num_classes(self) -> int:
+    return num_classes(self.dataset_cfg)
+
+  def num_examples(self, split: str) -> int:
+    return num_examples(self.dataset_cfg, split)
+
+  def label_names(self) -> list[str] | None:
+    builder = prepare_dataset(self.dataset_cfg)
+    feature = builder.info.features[self.dataset_cfg.get('label_key',
+                                                         'label')]
+    return list(feature.names) if hasattr(feature, 'names') else None
+
+  def check(self, config, *, process_count: int) -> None:
+    check_data(config, process_count=process_count)
+
+  def train_iterator(self, config, *, start_step: int, process_index: int,
+                     process_count: int):
+    return train_iterator(config, start_step=start_step,
+                          process_index=process_index,
+                          process_count=process_count)
+
+  def num_eval_batches(self, config, *, process_count: int) -> int:
+    return num_eval_batches(config, process_count=process_count)
+
+  def eval_iterator(self, config, *, process_index: int,
+                    process_count: int):
+    return eval_iterator(config, process_index=process_index,
+                         process_count=process_count)

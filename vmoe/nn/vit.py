@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from vmoe.config import check, is_int
 from vmoe.nn import batched_mlp
 from vmoe.nn import layers
 from vmoe.nn import moe as moe_lib
@@ -71,21 +72,19 @@ def model_size(model_cfg: ml_collections.ConfigDict) -> tuple[VitSize, int]:
   """(VitSize, patch) of `config.model`: `variant` with the optional
   overrides model.width / depth / mlp_dim / num_heads (None = the variant's),
   for checkpoints whose size is not a named variant (e.g. the V-MoE paper's
-  S: width 512, depth 8). Raises a one-line ValueError on bad values."""
+  S: width 512, depth 8). Raises a one-line ConfigError on bad values."""
   size, patch = parse_variant(model_cfg.variant)
   overrides = {}
   for name in SIZE_FIELDS:
     value = model_cfg.get(name)
     if value is None:
       continue
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f'model.{name}={value!r} must be None (from '
-                       'model.variant) or a positive integer')
+    check(is_int(value) and value >= 1, f'model.{name}', value,
+          'must be None (from model.variant) or a positive integer')
     overrides[name] = value
   size = dataclasses.replace(size, **overrides)
-  if size.width % size.num_heads:
-    raise ValueError(f'model.num_heads={size.num_heads} does not divide the '
-                     f'width {size.width}')
+  check(size.width % size.num_heads == 0, 'model.num_heads', size.num_heads,
+        f'does not divide the width {size.width}')
   return size, patch
 
 

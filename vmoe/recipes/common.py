@@ -62,6 +62,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.partitioning.fsdp_regex = '.*'
 
   config.dataset = ml_collections.ConfigDict()
+  # Where the examples come from (vmoe.data.base): 'tfds' | 'arrays' |
+  # 'folder' | 'synthetic'.
+  config.dataset.source = 'tfds'
   config.dataset.name = 'digits'
   config.dataset.data_dir = default_data_dir()
   config.dataset.train_split = 'train'
@@ -71,6 +74,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.dataset.shuffle_buffer = 10_000
   config.dataset.image_key = 'image'
   config.dataset.label_key = 'label'
+  config.dataset.num_workers = 0  # folder: grain threads (0 = 8)
+  config.dataset.num_classes = None  # synthetic only: K
+  config.dataset.num_examples = None  # synthetic only: (train, eval) examples
 
   config.preprocess = ml_collections.ConfigDict()
   config.preprocess.image_size = 224
@@ -81,7 +87,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.preprocess.flip = True
   config.preprocess.value_range = (-1.0, 1.0)
   config.preprocess.mixup_alpha = 0.0
-  # RandAugment (num_layers, magnitude) as big_vision / vmoe; None = off.
+  # RandAugment (big_vision / vmoe): None or (num_layers, magnitude); the
+  # AugReg presets set it with mixup (vmoe/recipes/augreg.py).
   config.preprocess.randaug = None
   config.preprocess.resize_method = 'bilinear'
 
@@ -110,7 +117,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.mlp_dim = None
   config.model.num_heads = None
   config.model.representation_size = None  # pre-logits Dense + tanh
-  config.model.moe = None  # a ConfigDict from configs.common.moe_config()
+  config.model.moe = None  # a ConfigDict from moe_config() below
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'  # | 'adam' | 'sgd'
@@ -145,10 +152,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 def digits_data(config: ml_collections.ConfigDict,
                 image_size: int = 8) -> ml_collections.ConfigDict:
-  """Points `config` at the embedded digits dataset (8x8 grayscale)."""
+  """Points `config` at the embedded digits dataset (8x8 grayscale), read as
+  arrays (no TensorFlow, no download); `--config.dataset.source=tfds` reads
+  the same examples through TFDS."""
+  config.dataset.source = 'arrays'
   config.dataset.name = 'digits'
-  config.dataset.cache = True
-  config.dataset.shuffle_buffer = 2048
   config.preprocess.image_size = image_size
   config.preprocess.num_channels = 1
   # No random crops: a 1-pixel shift of a centred 8x8 digit hurts more than it

@@ -1,4 +1,5 @@
-"""Tests for the `digits` TFDS builder and the tf.data pipeline (vmoe/data)."""
+"""The TFDS source: the `digits` TFDS builder and the tf.data pipeline (the
+contract every source keeps is in test_data_sources.py)."""
 
 import hashlib
 import os
@@ -11,12 +12,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vmoe.data import digits
-from vmoe.data import pipeline
+tf = pytest.importorskip('tensorflow')
+tfds = pytest.importorskip('tensorflow_datasets')
 
-from etils import epath  # pylint: disable=g-bad-import-order
-import tensorflow as tf  # pylint: disable=g-bad-import-order
-import tensorflow_datasets as tfds  # pylint: disable=g-bad-import-order
+from etils import epath  # pylint: disable=g-bad-import-order,g-import-not-at-top
+from tests.helpers import set_fields  # pylint: disable=g-import-not-at-top
+from vmoe.data import digits  # pylint: disable=g-import-not-at-top
+from vmoe.data import embedded  # pylint: disable=g-import-not-at-top
+from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+from vmoe.data import tfds_source  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +32,7 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
       'batch_size': 128,
       'eval_batch_size': 128,
       'dataset': {
+          'source': 'tfds',
           'name': 'digits',
           'data_dir': str(data_dir),
           'train_split': 'train',
@@ -50,12 +55,7 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
           'resize_method': 'bilinear',
       },
   })
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_fields(config, overrides)
   return config
 
 
@@ -115,13 +115,17 @@ def test_builder_splits_are_fixed_and_stratified(splits):
   assert set(train_y) == set(test_y) == set(range(10))
   np.testing.assert_array_equal(np.bincount(test_y), [30] * 10)
   assert 144 <= np.bincount(train_y).min() <= np.bincount(train_y).max() <= 153
-  # The split is the documented rule, not an accident of this build.
-  expected = digits.split_indices(digits.load_sklearn_digits()[1])
-  np.testing.assert_array_equal(np.sort(test_id), expected['test'])
+  # The same examples as the embedded arrays.
+  arrays = embedded.load('digits')
+  for split, (images, labels, ids) in splits.items():
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(ids[order], arrays[f'{split}_id'])
+    np.testing.assert_array_equal(images[order], arrays[f'{split}_image'])
+    np.testing.assert_array_equal(labels[order], arrays[f'{split}_label'])
 
 
 def test_builder_images_match_sklearn(splits):
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  datasets = pytest.importorskip('sklearn.datasets')
   sk = datasets.load_digits()
   for images, labels, ids in splits.values():
     assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 1)
@@ -266,6 +270,7 @@ def test_resume_far_ahead_is_cheap(data_dir):
   assert batch['image'].shape == (128, 16, 16, 1)
 
 
+@pytest.mark.slow
 def test_stream_is_identical_in_a_fresh_process(data_dir):
   config = make_config(data_dir, **{'preprocess.train_crop': 'random_resized',
                                     'preprocess.flip': True,
@@ -274,7 +279,7 @@ def test_stream_is_identical_in_a_fresh_process(data_dir):
       import hashlib, sys
       sys.path.insert(0, {REPO!r})
       sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-      from test_data import make_config, digest
+      from test_tfds_source import make_config, digest
       from vmoe.data import pipeline
       config = make_config({str(data_dir)!r}, **{{
           'preprocess.train_crop': 'random_resized', 'preprocess.flip': True,
@@ -314,7 +319,7 @@ def test_mixup_soft_labels(data_dir):
 
 
 def test_process_shares_are_disjoint_and_cover_the_split(data_dir):
-  builder = pipeline.prepare_dataset(make_config(data_dir).dataset)
+  builder = tfds_source.prepare_dataset(make_config(data_dir).dataset)
   for split in ('train', 'test'):
     ids = []
     for i in range(2):
