@@ -112,14 +112,17 @@ def test_scan_and_remat_compute_the_unscanned_function(scan_layers, remat):
   value, logits, metrics, grads = _loss_and_grads(None, params, abstract,
                                                   images, key)
   assert sorted(metrics) == sorted(ref[2])
-  np.testing.assert_allclose(value, ref[0], rtol=1e-6)
+  # float32 rounding: XLA fuses a scanned body differently (jax 0.12: 1.3e-6).
+  np.testing.assert_allclose(value, ref[0], rtol=1e-5)
   np.testing.assert_allclose(logits, ref[1], rtol=1e-5, atol=1e-6)
   assert metrics['auxiliary_loss'] > 0
   np.testing.assert_allclose(metrics['auxiliary_loss'],
-                             ref[2]['auxiliary_loss'], rtol=1e-6)
+                             ref[2]['auxiliary_loss'], rtol=1e-5)
   assert set(grads) == set(ref[3])
   for name, g in ref[3].items():
-    np.testing.assert_allclose(grads[name], g, rtol=1e-4, atol=1e-6,
+    # Entries near zero differ by rounding of the larger ones they sum.
+    np.testing.assert_allclose(grads[name], g, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(g).max()) + 1e-7,
                                err_msg=name)
 
 
