@@ -120,7 +120,11 @@ class _EarlySignals:
   def _handle(cls, signum, frame):
     del frame
     if signum == signal.SIGINT and cls.signum is not None:
-      raise KeyboardInterrupt  # Ctrl-C twice
+      # Ctrl-C twice: at once, without a KeyboardInterrupt traceback from
+      # wherever the import or start-up was (nothing was written yet).
+      print('stopped: interrupted twice before training started; nothing '
+            'was written', file=sys.stderr, flush=True)
+      os._exit(130)  # pylint: disable=protected-access
     cls.signum = signum
 
   @classmethod
@@ -135,7 +139,7 @@ def main(argv):
   _EarlySignals.install()
   try:
     _main(argv)
-  except KeyboardInterrupt:  # Ctrl-C twice
+  except KeyboardInterrupt:  # SIGINT while no handler of ours was installed
     print('stopped: interrupted; run the same command to resume from the '
           'last checkpoint', file=sys.stderr)
     sys.exit(130)
@@ -167,7 +171,9 @@ def _main(argv):
     return
   if not _WORKDIR.value:
     _fail('--workdir is required (checkpoints and metrics are written there)')
-  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  workdir = _WORKDIR.value
+  if '://' not in workdir:  # gs://... stays a URL
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   _EarlySignals.stop_if_signalled()
   try:
     result = trainer.train_and_evaluate(config, _WORKDIR.value)

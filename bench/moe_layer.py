@@ -33,6 +33,14 @@ tokens):
   capacity  capacity factors 1.25 and 2.0 (token choice with both
             dispatches, expert choice), 32 experts, 3152 tokens.
   vit_b     ViT-B dims (d=768, h=3072), 3152 tokens.
+  units     the units beyond the routers, 1576 tokens (8 images): token
+            choice with LIMoE's entropy losses, expert / final output
+            masking and Multi-Head MoE (matched sizing) against the dense
+            MLP of equal active FLOPs; mixture-of-head and gated attention
+            against the standard attention; a mixture-of-depths block
+            against the standard block on as many tokens (equal active
+            FLOPs); a nested-experts block (budget 0.5) against the standard
+            block (its FLOP ratio reported beside the time ratio).
   memory    scratch memory of routing + dispatch + combine against tokens and
             group size (compiled, not run).
   breakdown the time of two target rows (token choice k=2 BPR, 32 experts,
@@ -78,15 +86,20 @@ class Case:
   dims: str = 'S'
   num_slots: int | None = None   # Soft MoE: explicit slots per expert
   capacity: int | None = None    # explicit capacity (fixed active compute)
+  # Other model.moe options as (name, value) pairs, and their row label.
+  extra: tuple[tuple[str, object], ...] = ()
+  label: str = ''
 
   @property
   def name(self) -> str:
     if self.router == 'soft':
-      return 'soft'
-    if self.router in EXPERT_CHOICE_NAMES:
-      return EXPERT_CHOICE_NAMES[self.router]
-    prefix = 'sinkhorn ' if self.router == 'sinkhorn_token_choice' else ''
-    return f'{prefix}token choice k={self.k}{" bpr" if self.bpr else ""}'
+      base = 'soft'
+    elif self.router in EXPERT_CHOICE_NAMES:
+      base = EXPERT_CHOICE_NAMES[self.router]
+    else:
+      prefix = 'sinkhorn ' if self.router == 'sinkhorn_token_choice' else ''
+      base = f'{prefix}token choice k={self.k}{" bpr" if self.bpr else ""}'
+    return f'{base} {self.label}'.strip()
 
 
 EXPERT_CHOICE_NAMES = {
@@ -105,7 +118,8 @@ def make_layer(c: Case) -> moe.MoeLayer:
                   capacity=c.capacity,
                   noise_std=0.0 if c.router in EXPERT_CHOICE_NAMES
                   else None))
-  return moe.MoeLayer(d, h, config=cfg, rngs=nnx.Rngs(0))
+  cfg.update(dict(c.extra))
+  return moe.build_layer(d, h, config=cfg, rngs=nnx.Rngs(0))
 
 
 def programs(module: nnx.Module, x: jax.Array, train_rngs: bool):
@@ -133,8 +147,20 @@ def programs(module: nnx.Module, x: jax.Array, train_rngs: bool):
   return fwd, bwd, args, common.program_memory(bwd)
 
 
-def slots_of(layer: moe.MoeLayer, tokens: int) -> int:
-  """Token-rows the experts process in a batch (active FLOPs / MLP FLOPs)."""
+def slots_of(layer: nnx.Module, tokens: int) -> int:
+  """Token-rows the experts process in a batch (active FLOPs / MLP FLOPs).
+
+  For a Multi-Head MoE layer: the rows of the (d, h) dense MLP with the
+  FLOPs of its inner experts (sub-token rows of d / h -> h' -> d / h) and
+  of its head and merge projections (4 d^2 per token)."""
+  inner = moe.routed_layer(layer)
+  if inner is not layer:
+    heads = layer.heads
+    k1 = inner.experts.kernel1
+    d_sub, hidden = k1.shape[1], k1.shape[2]
+    d, h = d_sub * heads, layer.hidden_dim
+    rows = slots_of(inner, tokens * heads) * d_sub * hidden
+    return round((rows + tokens * d * d) / (d * h))
   s = layer.group_size
   if layer.dropless:
     return tokens * layer.router.k  # no buffers: the (token, choice) pairs
@@ -186,8 +212,9 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
                             True)
     add(c, f, b, a)
     slots = slots_of(layer, tokens)
+    inner = moe.routed_layer(layer)
     info[c] = dict(slots=slots, ref=dense_ref(c.dims, slots),
-                   capacity=layer.capacity_for(c.group * SEQ, True), **mem)
+                   capacity=inner.capacity_for(inner.group_size, True), **mem)
     del layer
   # All programs and a square f32 matmul (the peak under the same load) in
   # one round-robin.
@@ -217,7 +244,8 @@ def run_section(title: str, cases: list[Case], images: int, repeats: int,
     rows.append(row(c, v, layer=c.name, dims=c.dims, tokens=tokens,
                     dispatch=c.method, experts=c.e, group_images=c.group,
                     capacity_factor=c.cf, capacity=v['capacity'],
-                    rows_per_expert=v['slots'] // c.e))
+                    rows_per_expert=v.get('rows_per_expert',
+                                          v['slots'] // c.e)))
   print(f'  [{title}: {len(cases)} cases in '
         f'{time.perf_counter() - t_start:.0f} s, peak RSS '
         f'{common.peak_rss_mb():.0f} MB]', flush=True)
@@ -284,6 +312,111 @@ def vit_b_cases() -> list[Case]:
           Case('token_choice', 32, 4, k=2, bpr=True, dims='B',
                method='einsum'),
           Case('soft', 32, 1, dims='B')]
+
+
+def unit_moe_cases() -> list[Case]:
+  """The MoE-layer units against the dense MLP of equal active FLOPs."""
+  tc2 = dict(k=2, bpr=True)
+  entropy = (('local_entropy_loss_weight', 0.01),
+             ('global_entropy_loss_weight', 0.01),
+             ('global_entropy_threshold', 2.0))
+  return [Case('token_choice', 32, 4, **tc2),
+          Case('token_choice', 32, 4, **tc2, extra=entropy,
+               label='+ entropy losses'),
+          Case('token_choice', 32, 4, **tc2,
+               extra=(('expert_output_mask_rate', 0.2),), label='+ EOM 0.2'),
+          Case('token_choice', 32, 4, **tc2,
+               extra=(('final_output_mask_rate', 0.2),), label='+ FOM 0.2'),
+          Case('token_choice', 32, 4, k=1),
+          Case('token_choice', 32, 4, k=1,
+               extra=(('kind', 'multi_head'), ('mh_heads', 2)),
+               label='multi-head (2 heads, matched)')]
+
+
+class _Attend(nnx.Module):
+  """An attention kind behind the MLP-slot call signature (for `programs`)."""
+
+  def __init__(self, attention: nnx.Module):
+    self.attention = attention
+
+  def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None):
+    return self.attention.attend(x, train=train, rngs=rngs)
+
+
+def unit_modules(dims: str = 'S') -> list[tuple[str, Callable, int, str,
+                                                 Callable, int, float]]:
+  """(name, make the unit, its tokens per image, counterpart name, make the
+  counterpart, its tokens per image, FLOP ratio unit / counterpart) of the
+  attention and block kinds, at ViT dims (heads: ViT-S 6)."""
+  from vmoe.nn import attention  # pylint: disable=g-import-not-at-top
+  from vmoe.nn import blocks  # pylint: disable=g-import-not-at-top
+  from vmoe.nn import vit  # pylint: disable=g-import-not-at-top
+  from vmoe.nn.blocks import mod  # pylint: disable=g-import-not-at-top
+  from vmoe.nn.blocks import mone  # pylint: disable=g-import-not-at-top
+  d, h = DIMS[dims]
+  heads = d // 64
+
+  def attn(kind, **options):
+    return lambda: _Attend(attention.build(
+        kind, vit.MultiHeadAttention, attention.ATTENTION.options(options),
+        d, heads, rngs=nnx.Rngs(0)))
+
+  def block(kind, **options):
+    return lambda: blocks.build(
+        kind, vit.EncoderBlock,
+        blocks.BLOCKS.options(options, num_prefix_tokens=1), d, heads,
+        MlpBlock(d, h, rngs=nnx.Rngs(1)), dropout_rate=0.0, dtype=None,
+        param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+  c = mod.capacity_tokens(SEQ, 0.5)
+  counts = mone.token_counts(SEQ, mone.capacity_distribution(0.5, 4), 1)
+  nested = sum(n * (8 * d * (d >> (3 - j)) + 4 * (d >> (3 - j)) * h)
+               for j, n in enumerate(counts)) + 4 * SEQ * SEQ * d
+  return [
+      (f'moh attention ({heads} heads: 1 shared + top-{heads // 2} routed)',
+       attn('moh', moh_shared_heads=1, moh_k=heads // 2), SEQ, 'attention',
+       attn('mha'), SEQ, 1.0),
+      ('gated attention (headwise)', attn('gated'), SEQ, 'attention',
+       attn('mha'), SEQ, 1.0),
+      ('mixture-of-depths block (capacity 0.5)', block('mod'), SEQ,
+       f'standard block on {c} tokens', block('standard'), c, 1.0),
+      ('nested-experts block (4 experts, budget 0.5)',
+       block('mone', mone_budget=0.5), SEQ, 'standard block',
+       block('standard'), SEQ, nested / mod.block_flops(SEQ, d, h)),
+  ]
+
+
+def run_units(images: int, repeats: int, peak: float) -> list[dict]:
+  """The units section: MoE-layer units as `run_section` rows, then the
+  attention and block kinds against their counterparts, timed
+  interleaved."""
+  rows = run_section('units', unit_moe_cases(), images, repeats, peak)
+  calls, meta = {}, {}
+  d = DIMS['S'][0]
+  x = jax.random.normal(jax.random.key(1), (images, SEQ, d))
+  for name, make, n, ref_name, make_ref, n_ref, flop_ratio in unit_modules():
+    for key, fn, tokens in ((name, make, n), (ref_name, make_ref, n_ref)):
+      if ('fwd', key) in calls:
+        continue
+      f, b, a, _ = programs(fn(), x[:, :tokens], True)
+      calls['fwd', key] = lambda f=f, a=a: f(*a)
+      calls['bwd', key] = lambda b=b, a=a: b(*a)
+    meta[name] = (ref_name, flop_ratio)
+  t = common.time_interleaved(calls, repeats, warmup=1)
+  for name, (ref_name, flop_ratio) in meta.items():
+    rows.append(dict(
+        section='units', dims='ViT-S', layer=name, dispatch='',
+        tokens=images * SEQ, counterpart=ref_name, flop_ratio=flop_ratio,
+        fwd_ms=t['fwd', name] * 1e3, fwd_bwd_ms=t['bwd', name] * 1e3,
+        fwd_ratio=t['fwd', name] / t['fwd', ref_name],
+        fwd_bwd_ratio=t['bwd', name] / t['bwd', ref_name]))
+  return rows
+
+
+UNIT_COLUMNS = ['layer', 'counterpart', 'flop_ratio', 'fwd_ms', 'fwd_bwd_ms',
+                'fwd_ratio', 'fwd_bwd_ratio']
+UNIT_HEADERS = ['unit', 'counterpart', 'FLOP ratio', 'fwd ms', 'fwd+bwd ms',
+                'fwd ratio', 'fwd+bwd ratio']
 
 
 def overhead_losses(graphdef, s: int, method: str, train: bool
@@ -420,7 +553,8 @@ DENSE_HEADERS = ['section', 'dims', 'tokens', 'fwd ms', 'fwd+bwd ms',
 
 
 def sections(quick: bool) -> list[tuple[str, list[Case], int]]:
-  """(title, cases, images per batch) of the layer benchmark."""
+  """(title, cases, images per batch) of the layer benchmark (the 'units'
+  section runs separately: `run_units`)."""
   if quick:
     return [('targets', target_cases(True), 64)]
   return [('targets', target_cases(False), 64),
@@ -430,25 +564,38 @@ def sections(quick: bool) -> list[tuple[str, list[Case], int]]:
           ('vit_b', vit_b_cases(), 16)]
 
 
-def run(quick: bool, repeats: int | None = None, peak: dict | None = None
-        ) -> tuple[str, list[dict], list[dict], dict]:
-  """Runs the layer benchmark: (markdown, rows, memory rows, machine info)."""
+UNIT_IMAGES = 8
+
+
+def run(quick: bool, repeats: int | None = None, peak: dict | None = None,
+        units: bool = False) -> tuple[str, list[dict], list[dict], dict]:
+  """Runs the layer benchmark: (markdown, rows, memory rows, machine info).
+  units: also the 'units' section in quick mode (always in full mode)."""
   peak = peak or common.matmul_peak()
   info = common.machine_info(peak)
   rows = []
   for title, cases, images in sections(quick):
     rows += run_section(title, cases, images, repeats or 3, peak['f32'])
+  unit_rows = ([] if quick and not units else
+               run_units(UNIT_IMAGES, repeats or 3, peak['f32']))
   mem_rows = dispatch_memory_rows(quick)
   parts = [] if quick else breakdown_rows(64, repeats or 3)
   if parts:
     print(f'  [breakdown: {len(parts)} cases, peak RSS '
           f'{common.peak_rss_mb():.0f} MB]', flush=True)
-  moe_rows = [r for r in rows if r['layer'] != 'dense MLP']
+  rows += unit_rows
+  kind_rows = [r for r in rows if 'counterpart' in r]
+  moe_rows = [r for r in rows
+              if r['layer'] != 'dense MLP' and 'counterpart' not in r]
   dense_rows = [r for r in rows if r['layer'] == 'dense MLP']
   md = '\n'.join([
       f'### MoE layer ({"quick" if quick else "full"})', '',
       common.machine_line(info), '',
       common.markdown_table(moe_rows, LAYER_COLUMNS, LAYER_HEADERS), '',
+      'Attention and block kinds against their standard counterparts '
+      '(ViT-S, 8 images of 197 tokens; FLOP ratio = the unit\'s forward '
+      'matmul FLOPs over the counterpart\'s):', '',
+      common.markdown_table(kind_rows, UNIT_COLUMNS, UNIT_HEADERS), '',
       'ratio = time / time of the dense MLP on as many tokens as the MoE has '
       'expert slots (equal active FLOPs), measured interleaved in the same '
       'section. GFLOP/s = active fwd+bwd FLOPs (3 x 4 x slots x d x h) per '
@@ -481,8 +628,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--repeats', type=int, default=None)
+  parser.add_argument('--units', action='store_true',
+                      help="with --quick: add the 'units' section")
   args = parser.parse_args()
-  print(run(args.quick, args.repeats)[0])
+  print(run(args.quick, args.repeats, units=args.units)[0])
 
 
 if __name__ == '__main__':

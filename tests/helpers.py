@@ -262,3 +262,12 @@ def np_sparse_plan(scores, c, num_steps=20, lr=1e-2):
           np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
     plans.append(b * np_sparse_projection((alpha[:, None] + x) / b, c))
   return np.stack(plans)
+
+
+def copy_checkout(dest: str) -> str:
+  """A copy of the checkout at `dest` for pip to build from (pip builds in
+  the source tree: build/ and *.egg-info must not land in the checkout)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(REPO, dest, symlinks=True, ignore=shutil.ignore_patterns(
+      '.git', '__pycache__', '*.egg-info', 'build', 'results', '.pytest_cache'))
+  return dest

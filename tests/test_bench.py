@@ -147,3 +147,29 @@ def test_model_configs():
   cfg = model_bench.model_config('Soft MoE-S/16 8E')
   assert (cfg.moe.num_experts, cfg.moe.router) == (8, 'soft')
   assert model_bench.model_config('ViT-S/16 dense').moe is None
+
+
+@pytest.mark.slow  # about 16 programs compiled
+def test_unit_rows_time_every_new_unit_against_its_counterpart(monkeypatch):
+  """The units section at tiny sizes: one row per attention / block kind
+  with its counterpart, the MoE units as layer rows."""
+  monkeypatch.setitem(ml.DIMS, 'S', (64, 128))
+  monkeypatch.setattr(ml, 'SEQ', 17)
+  monkeypatch.setattr(ml, 'unit_moe_cases', lambda: [
+      ml.Case('token_choice', 4, 1, k=1),
+      ml.Case('token_choice', 4, 1, k=1,
+              extra=(('kind', 'multi_head'), ('mh_heads', 2)),
+              label='multi-head')])
+  rows = ml.run_units(images=1, repeats=1, peak=100.0)
+  kinds = [r for r in rows if 'counterpart' in r]
+  assert [r['layer'].split(' ')[0] for r in kinds] == [
+      'moh', 'gated', 'mixture-of-depths', 'nested-experts']
+  assert all(r['fwd_bwd_ratio'] > 0 for r in kinds)
+  assert kinds[2]['counterpart'] == 'standard block on 9 tokens'
+  assert 0.3 < kinds[3]['flop_ratio'] < 1
+  layers = [r['layer'] for r in rows if 'counterpart' not in r]
+  assert 'token choice k=1 multi-head' in layers
+  mh = [r for r in rows if r['layer'] == 'token choice k=1 multi-head'][0]
+  plain = [r for r in rows if r['layer'] == 'token choice k=1'][0]
+  # Matched sizing: about the slots (active FLOPs) of the sparse layer.
+  assert abs(mh['slots'] / plain['slots'] - 1) < 0.25

@@ -11,6 +11,7 @@ is checked on a few cases with real `main.py` processes.
 
 import errno
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -221,6 +222,8 @@ def test_flag_errors_in_main_exit_2_without_traceback(tmp_path):
     ({'dataset.image_key': 'img'}, "config.dataset.image_key='img'"),
     ({'model.moe': common.moe_config(layers='every:2', group_size=5)},
      'config.model.moe.group_size=5 does not divide'),
+    ({'dataset.shuffle_buffer': -1},
+     'config.dataset.shuffle_buffer=-1 must be an integer >= 1'),
 ])
 def test_bad_config_or_data_fails_before_the_model(
     digits_data_dir, workdir, monkeypatch, overrides, message):
@@ -303,6 +306,32 @@ def test_full_disk(digits_data_dir, workdir, monkeypatch):
               'a checkpoint of this model needs')
 
 
+def test_full_disk_on_a_new_workdir_leaves_nothing(digits_data_dir, tmp_path,
+                                                   monkeypatch):
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(workdir_lib.shutil, 'disk_usage',
+                      lambda path: usage._replace(free=1 << 20))
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for workdir in (tmp_path / 'new', empty):
+    _user_error(_config(digits_data_dir), workdir, '1.0 MiB free')
+  assert not (tmp_path / 'new').exists()
+  assert list(empty.iterdir()) == []  # no lock file
+
+
+def test_fewshot_shots_beyond_the_training_images(digits_data_dir, tmp_path,
+                                                  monkeypatch):
+  from vmoe.evaluate import fewshot  # pylint: disable=g-import-not-at-top
+  _no_model(monkeypatch)
+  config = _config(digits_data_dir)
+  config.fewshot = fewshot.default_config()
+  config.fewshot.every_steps = 4
+  config.fewshot.shots = (1, 1000)
+  _user_error(config, tmp_path / 'w', 'config.fewshot.shots=(1, 1000): '
+              '1000-shot needs 1000 images of each of the 10 classes')
+  assert not (tmp_path / 'w').exists()
+
+
 def test_second_run_on_a_locked_workdir(digits_data_dir, workdir,
                                         monkeypatch):
   _no_model(monkeypatch)
@@ -354,8 +383,37 @@ def test_config_comparison_rules():
   assert defaults['optimizer']['name'] == 'adamw'
 
 
-def test_unreadable_config_json(digits_data_dir, workdir, monkeypatch):
+def _strip_records(workdir) -> None:
+  """Makes the checkpoints of `workdir` look written before checkpoints
+  recorded digests, config and evaluations."""
+  for path in pathlib.Path(workdir).glob('checkpoints/*/_CHECKPOINT_METADATA'):
+    meta = json.loads(path.read_text())
+    meta.pop('custom_metadata', None)
+    path.write_text(json.dumps(meta))
+
+
+def test_the_checkpoints_config_decides_not_config_json(
+    digits_data_dir, workdir, monkeypatch):
+  """Deleting or breaking config.json unlocks nothing: each checkpoint
+  records the config (config.json is a readable copy)."""
   _no_model(monkeypatch)
+  changed = _config(digits_data_dir, seed=1,
+                    **{'optimizer.learning_rate': 0.01})
+  for damage in ('delete', 'garbage'):
+    if damage == 'delete':
+      (workdir / 'config.json').unlink()
+    else:
+      (workdir / 'config.json').write_text('{"seed": ')
+    _user_error(changed, workdir, 'config.optimizer.learning_rate=0.01 (was '
+                '0.003), config.seed=1 (was 0)',
+                '(the config recorded by checkpoint 4)')
+
+
+def test_unreadable_config_json_of_older_checkpoints(digits_data_dir, workdir,
+                                                     monkeypatch):
+  """Checkpoints without a record: config.json is the run's config."""
+  _no_model(monkeypatch)
+  _strip_records(workdir)
   (workdir / 'config.json').write_text('{"seed": ')
   _user_error(_config(digits_data_dir), workdir,
               f'{workdir / "config.json"} cannot be read')
@@ -380,6 +438,65 @@ def test_finished_run_returns_its_summary(digits_data_dir, workdir,
     assert 0 < result['accuracy'] <= 1 and result['loss'] > 0
     assert not stale.exists()
     assert _snapshot(workdir) == before
+
+
+# ------------------------------------------- evaluations lost to a kill --
+
+
+def _drop_records(workdir, split: str, step: int) -> dict:
+  """Removes the `split` record of `step` from metrics.jsonl (as a kill
+  during that evaluation leaves it); returns it."""
+  path = workdir / 'metrics.jsonl'
+  lines = path.read_text().splitlines(keepends=True)
+  (dropped,) = [json.loads(l) for l in lines
+                if json.loads(l)['split'] == split
+                and json.loads(l)['step'] == step]
+  path.write_text(''.join(l for l in lines if json.loads(l) != dropped))
+  return dropped
+
+
+def test_an_evaluation_lost_to_a_kill_runs_on_resume(digits_data_dir,
+                                                     workdir, capsys):
+  """Checkpoint 4 records that the eval of step 4 is due: a resume that
+  finds no eval record of step 4 runs it before anything else, with the
+  values the killed run would have logged."""
+  lost = _drop_records(workdir, 'eval', 4)
+  assert checkpoint_lib.read_step_info(
+      str(workdir / 'checkpoints' / '4'), 4).evaluations == ('eval',)
+  before = _snapshot(workdir)
+  del before['metrics.jsonl']
+  result = trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  assert result['already_trained'] and result['step'] == 4
+  assert result['accuracy'] == lost['accuracy']
+  assert result['loss'] == lost['loss']
+  evals = [r for r in _records(workdir) if r['split'] == 'eval']
+  assert evals == [lost]
+  after = _snapshot(workdir)
+  del after['metrics.jsonl']
+  assert after == before  # checkpoints and config.json untouched
+  # A second resume finds the record: nothing runs again.
+  trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  assert [r for r in _records(workdir) if r['split'] == 'eval'] == [lost]
+  assert 'warning' not in capsys.readouterr().err
+
+
+def test_a_non_finite_eval_loss_is_logged_with_a_warning(digits_data_dir,
+                                                         workdir, capsys,
+                                                         monkeypatch):
+  _drop_records(workdir, 'eval', 4)
+  monkeypatch.setattr(trainer.Experiment, 'evaluate',
+                      lambda self, params: {'loss': float('inf'),
+                                            'accuracy': 0.1})
+  result = trainer.train_and_evaluate(_config(digits_data_dir), str(workdir))
+  assert result['loss'] == float('inf')
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ['warning: step 4: eval loss is inf (logged as it is): the '
+                 'model gives a true class probability 0 or computes NaN']
+
+
+def _records(workdir) -> list[dict]:
+  return [json.loads(l) for l in
+          (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
 # ------------------------------------------------------------ checkpoints --
@@ -423,7 +540,7 @@ def test_corrupt_latest_checkpoint_falls_back(experiment, workdir, capsys,
   ckpt = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'),
                                      max_to_keep=3)
   try:
-    state, step = trainer._restore_newest(ckpt, experiment, True)  # pylint: disable=protected-access
+    state, step, _ = trainer._restore_newest(ckpt, experiment, True)  # pylint: disable=protected-access
     assert ckpt.all_steps() == [2]
   finally:
     ckpt.close()
@@ -452,8 +569,10 @@ def test_no_checkpoint_restores(digits_data_dir, workdir):
 
 
 def test_other_model_in_checkpoint_is_not_corruption(digits_data_dir, workdir):
-  """Without config.json only the stored shapes can tell: an error that names
-  them, and no checkpoint is set aside."""
+  """Without a recorded config (older checkpoints, no config.json) only the
+  stored shapes can tell: an error that names them, and no checkpoint is set
+  aside."""
+  _strip_records(workdir)
   (workdir / 'config.json').unlink()
   _user_error(_config(digits_data_dir, **{'model.variant': 'mu/4'}), workdir,
               'checkpoint 4 in', 'holds another model or optimizer',
@@ -552,6 +671,61 @@ def test_main_interrupted_while_starting_writes_nothing(digits_data_dir,
 
 
 @pytest.mark.slow
+def test_a_kill_in_the_final_evaluation_is_made_good_on_resume(
+    digits_data_dir, tmp_path):
+  """SIGKILL during the evaluation of the last step, after its checkpoint:
+  the rerun of the same command evaluates step 4 and prints it."""
+  config = tiny_digits_config_file(
+      tmp_path, digits_data_dir, num_train_steps=4, log_every_steps=2,
+      eval_every_steps=4, checkpoint_every_steps=2)
+  workdir = tmp_path / 'work'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tests.workers.kill_in_eval', '--kill_at_step=4',
+       f'--config={config}', f'--workdir={workdir}'], cwd=REPO,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert (workdir / 'checkpoints' / '4').is_dir()
+  assert not [r for r in _records(workdir) if r['split'] == 'eval']
+  proc = _main(config, workdir)
+  assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+  (record,) = [r for r in _records(workdir) if r['split'] == 'eval']
+  assert record['step'] == 4
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      f"done: already trained to step 4 (num_train_steps=4), eval accuracy "
+      f"{record['accuracy']:.4f}, eval loss {record['loss']:.4f}, ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_while_training_exits_130_in_one_line(digits_data_dir,
+                                                           tmp_path):
+  config = tiny_digits_config_file(
+      tmp_path, digits_data_dir, num_train_steps=100_000, log_every_steps=1,
+      eval_every_steps=100_000, checkpoint_every_steps=100_000)
+  workdir = tmp_path / 'work'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  child = subprocess.Popen(
+      [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  try:
+    deadline = time.time() + 240
+    while not (workdir / 'metrics.jsonl').is_file() and time.time() < deadline:
+      time.sleep(0.2)  # training has started once a step is logged
+    assert child.poll() is None
+    child.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+  finally:
+    if child.poll() is None:
+      child.kill()
+  assert child.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
+  assert err.strip().splitlines()[-1].startswith('stopped: '), err
+
+
+@pytest.mark.slow
 def test_two_processes_agree_when_the_workdir_is_locked(digits_data_dir,
                                                         workdir, tmp_path):
   """Only process 0 locks; the other learns that it failed and stops too."""
@@ -589,3 +763,54 @@ def test_two_processes_agree_when_the_workdir_is_locked(digits_data_dir,
   assert errors[0].startswith(f'error: --workdir={workdir} is in use')
   assert errors[1] == (f'error: process 0 could not prepare '
                        f'--workdir={workdir} (see its error)')
+
+
+# ------------------------------------------- predict and the capacity sweep --
+
+
+def _command(module, *args):
+  return subprocess.run(
+      [sys.executable, '-m', module, *args], cwd=REPO,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'), capture_output=True,
+      text=True, timeout=300)
+
+
+def _one_line_error(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('factors,message', [
+    ('inf', '--capacity_factors=inf: inf must be a finite number > 0'),
+    ('1.0,nan', '--capacity_factors=1.0,nan: nan must be a finite number'),
+    ('0', '--capacity_factors=0: 0 must be a finite number > 0'),
+    ('a', "--capacity_factors=a: 'a' is not a number"),
+    ('', '--capacity_factors= is empty'),
+])
+def test_capacity_factors_errors(factors, message):
+  from vmoe.evaluate import capacity_sweep  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as info:
+    capacity_sweep.parse_factors(factors.split(',') if factors else [])
+  assert str(info.value).startswith(message), str(info.value)
+  assert capacity_sweep.parse_factors(['0.5', ' 2']) == [0.5, 2.0]
+
+
+def test_commands_on_bad_arguments_write_nothing(workdir, tmp_path):
+  before = _snapshot(workdir)
+  image = tmp_path / 'x.png'
+  image.write_bytes(b'')
+  _one_line_error(_command('vmoe.predict', f'--workdir={workdir}', '--top=-1',
+                           str(image)), '--top=-1 must be an integer >= 1')
+  _one_line_error(_command('vmoe.evaluate.capacity_sweep',
+                           f'--workdir={workdir}', '--capacity_factors='),
+                  '--capacity_factors= is empty')
+  missing = tmp_path / 'missing'
+  _one_line_error(_command('vmoe.evaluate.capacity_sweep',
+                           f'--workdir={missing}', '--capacity_factors=1'),
+                  f'{missing / "checkpoints"} does not exist')
+  assert not missing.exists()
+  assert _snapshot(workdir) == before
+  assert not (workdir / 'capacity_sweep.json').exists()

@@ -3,13 +3,13 @@ wheel that installs `vmoe` and nothing else at the top level."""
 
 import ast
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 
 import pytest
 
+from tests import helpers
 from tests.helpers import REPO
 
 # Layers, lowest first: a module may import its own layer and those below.
@@ -169,9 +169,7 @@ def test_imports_point_down():
 def test_wheel_installs_only_vmoe(tmp_path):
   """`pip install .` puts `vmoe` (kernels included) in site-packages and no
   top-level `configs` or `pallas_kernels`."""
-  source = tmp_path / 'src'  # pip builds in the tree: build from a copy
-  shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
-      '.git', '__pycache__', '*.egg-info', 'build', 'results', '.pytest_cache'))
+  source = helpers.copy_checkout(str(tmp_path / 'src'))
   proc = subprocess.run(
       [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '-q', '-w',
        str(tmp_path), str(source)], capture_output=True, text=True,

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from vmoe.analysis import claims as declared
+
 nbclient = pytest.importorskip('nbclient')
 nbformat = pytest.importorskip('nbformat')
 pd = pytest.importorskip('pandas')
@@ -60,7 +62,9 @@ def test_notebooks_are_clean():
 def test_router_study(monkeypatch, digits_data_dir, tmp_path):
   nb = execute('router_study.ipynb', monkeypatch, digits_data_dir, tmp_path)
   claims = pd.read_csv(tmp_path / 'claims.csv')
-  assert len(claims) == 7
+  # The 7 router claims, then the declared ones (vmoe.analysis.claims.CLAIMS).
+  assert len(claims) == 7 + len(declared.CLAIMS)
+  assert list(claims.claim[7:]) == [c.claim for c in declared.CLAIMS]
   assert set(claims.status) <= {'reproduced', 'not reproduced',
                                 'not testable at this scale'}
   runs = pd.read_csv(tmp_path / 'runs.csv')

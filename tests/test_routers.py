@@ -83,7 +83,7 @@ class _ArgmaxRouter(base.GateRouter):
 def argmax_router():
   routers.register('test_argmax')(_ArgmaxRouter)
   yield 'test_argmax'
-  routers.registry._REGISTRY.pop('test_argmax')  # pylint: disable=protected-access
+  routers.registry.ROUTERS.unregister('test_argmax')
 
 
 @pytest.mark.parametrize('dispatch', ['indices', 'einsum', 'dropless'])

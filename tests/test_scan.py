@@ -126,6 +126,49 @@ def test_scan_and_remat_compute_the_unscanned_function(scan_layers, remat):
                                err_msg=name)
 
 
+@pytest.mark.parametrize('kinds,moe,want', [
+    # Mixture-of-depths on the dense blocks 0 and 2, MoE on 1 and 3: one
+    # stack whose unit is (mod dense, standard MoE).
+    (dict(attention='moh', block='mod',
+          block_options=dict(mod_layers=(0, 2), mod_capacity=0.5,
+                             mod_loss_weight=0.1)),
+     'every:2', (scan.Stack(0, 0, 2, 2),)),
+    # Nested experts on the last two blocks: two stacks of different kinds.
+    (dict(attention='mha', block='mone',
+          block_options=dict(mone_layers='last:2', mone_experts=2)),
+     None, (scan.Stack(0, 0, 1, 2), scan.Stack(1, 2, 1, 2))),
+])
+def test_block_and_attention_kinds_scan_as_the_unscanned_model(kinds, moe,
+                                                               want):
+  """Blocks of another kind scan in runs of identical blocks: the scanned
+  model holds the same parameters and computes the same loss, metrics and
+  gradients as the unscanned one."""
+  images = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  key = jax.random.key(2)
+  results = []
+  for scan_layers in (False, True):
+    cfg = _model_cfg(scan_layers, 'full' if scan_layers else 'none', moe=moe)
+    cfg.update(kinds)
+    abstract, params = _build(cfg)
+    if scan_layers:
+      assert abstract.layout == want
+    results.append((_canonical(mapping.flatten(params), abstract),
+                    *_loss_and_grads(None, params, abstract, images, key)))
+  (ref_params, ref_value, _, ref_metrics, ref_grads), (
+      params, value, _, metrics, grads) = results
+  assert max_diff(params, ref_params) == 0
+  assert sorted(metrics) == sorted(ref_metrics)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for name, m in ref_metrics.items():
+    np.testing.assert_allclose(metrics[name], m, rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  assert set(grads) == set(ref_grads)
+  for name, g in ref_grads.items():
+    np.testing.assert_allclose(grads[name], g, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(g).max()) + 1e-7,
+                               err_msg=name)
+
+
 def test_remat_policies_are_checked():
   for bad in ('half', 'save:', 'save:qkv,foo', None):
     with pytest.raises(ValueError, match='model.remat'):

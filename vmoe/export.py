@@ -21,8 +21,9 @@ Formats:
     docstrings: d model dim, h MLP hidden dim, e experts, p Soft MoE slots
     per expert), for PyTorch and other frameworks (`safetensors.torch`).
 
-The checkpoint read is the workdir's latest (`--step` for another); errors
-are one line and nothing is written on an error.
+The checkpoint read is the workdir's newest that restores and verifies, as
+the trainer's resume finds it (`--step` for another); errors are one line and
+nothing is written on an error.
 """
 
 from __future__ import annotations

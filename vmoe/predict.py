@@ -5,8 +5,12 @@ r"""Classify images with a trained or imported model: top-k classes, routing.
       --config=configs/finetune/vit_b16_cifar10.py img.jpg
   python -m vmoe.predict --workdir=... --routing img.png
 
-With --workdir the config is the run's config.json and the checkpoint its
-latest; with --checkpoint (any format of `vmoe.checkpoints`: a big_vision /
+With --workdir the config is the one the run's newest checkpoint records
+(config.json for older checkpoints; a --config that differs from it in a
+field that defines the run is refused) and the checkpoint the newest that
+restores and verifies, as the trainer's resume finds it (corrupt ones skipped
+with a warning, ones that a running training deletes meanwhile in silence);
+with --checkpoint (any format of `vmoe.checkpoints`: a big_vision /
 vit_jax .npz, a vmoe prefix, a workdir of ours) the model and preprocessing
 come from --config. The number of classes is that of the checkpoint's head.
 Images (any format TensorFlow decodes: JPEG, PNG, GIF, BMP) are preprocessed
@@ -220,7 +224,7 @@ def predict(config, source, image_paths: list[str], *, top: int = 5,
         label = names[c] if names[c] == str(c) else f'{names[c]} ({c})'
       lines.append(f'  {probs[i, c]:7.2%}  {label}')
     for block, (per_image, dropped) in sorted(use.items()):
-      layer = model.blocks[block].mlp
+      layer = moe.routed_layer(model.blocks[block].mlp)
       shares = ' '.join(f'{v:.2f}' for v in per_image[i])
       lines.append(f'  block {block} ({layer.router_type}, '
                    f'{per_image.shape[1]} experts): expert use [{shares}], '
@@ -233,6 +237,29 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def workdir_run_config(workdir: str, given):
+  """The config to predict a workdir's model with: the one its newest
+  checkpoint records (config.json for older ones), or `given` (--config) if
+  it matches that in every field that defines the run."""
+  from vmoe import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vmoe.checkpoints import ours  # pylint: disable=g-import-not-at-top
+  stored, where = ours.recorded_config(workdir)
+  if stored is None:
+    if given is None:
+      raise PredictError(f'--workdir={workdir!r} records no config (no '
+                         'config.json either); pass --config')
+    return given
+  if given is None:
+    return workdir_lib.as_config(stored)
+  changes = workdir_lib.config_differences(given, stored)
+  if changes:
+    raise PredictError(
+        f'{changes}: --config is not the config the run in --workdir='
+        f'{workdir} was trained with ({where}); only vmoe.workdir.'
+        'RESUME_CHANGEABLE fields may differ: omit --config to use the run\'s')
+  return given
+
+
 def main(argv, f: types.SimpleNamespace):
   """The command: argv = the image files after the flags; f: `define_flags`."""
   images = argv[1:]
@@ -240,27 +267,29 @@ def main(argv, f: types.SimpleNamespace):
     _fail('give one or more image files to classify')
   if bool(f.workdir.value) == bool(f.checkpoint.value):
     _fail('give exactly one of --workdir or --checkpoint (with --config)')
+  if f.top.value < 1:
+    _fail(f'--top={f.top.value} must be an integer >= 1')
   for image in images:  # before reading a (possibly large) checkpoint
     if not os.path.isfile(image):
       _fail(f'image {image!r} does not exist or is not a file')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS chatter
   from vmoe import checkpoints  # pylint: disable=g-import-not-at-top
-  from vmoe.checkpoints import ours  # pylint: disable=g-import-not-at-top
   from vmoe.train import config_validation  # pylint: disable=g-import-not-at-top
   from vmoe import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     config = config_flag.config_value(f.config)
     if f.workdir.value:
-      config = config or ours.workdir_config(f.workdir.value)
-      if config is None:
-        _fail(f'--workdir={f.workdir.value!r} has no config.json; pass '
-              '--config')
+      # Fails (creating nothing) on a workdir without checkpoints.
+      checkpoints.check_format(f.workdir.value, 'ours')
+      config = workdir_run_config(f.workdir.value, config)
     elif config is None:
       _fail('--checkpoint needs --config (the model and preprocessing)')
     # The model's fields (a checkpoint it was fine-tuned from is not read).
     config_validation.validate_config(config, resuming=True)
     if f.workdir.value:
+      # The newest checkpoint that restores and verifies (a training run
+      # may be deleting and adding checkpoints meanwhile).
       source = checkpoints.read(f.workdir.value, 'ours')
     else:
       source = checkpoints.read(f.checkpoint.value, f.format.value)

@@ -23,16 +23,20 @@ from vmoe.analysis.trace import moe_blocks
 
 def without_experts(params: dict, block: int, experts: Sequence[int]) -> dict:
   """A copy of the pure parameter dict with the outputs of `experts` of MoE
-  `block` zeroed (their kernel2 [e, h, d] and bias2 [e, d] rows set to 0)."""
+  `block` zeroed (their kernel2 [e, h, d] and bias2 [e, d] rows set to 0;
+  for a Multi-Head MoE block those of its inner layer)."""
   ids = jnp.asarray(tuple(experts), jnp.int32)
   mlp = params['blocks'][block]['mlp']
-  experts_params = dict(mlp['experts'])
+  inner = 'moe' in mlp and 'experts' not in mlp
+  layer = mlp['moe'] if inner else mlp
+  experts_params = dict(layer['experts'])
   experts_params['kernel2'] = jnp.asarray(experts_params['kernel2']).at[
       ids].set(0)
   experts_params['bias2'] = jnp.asarray(experts_params['bias2']).at[ids].set(0)
+  layer = dict(layer, experts=experts_params)
   blocks = dict(params['blocks'])
   blocks[block] = dict(params['blocks'][block],
-                       mlp=dict(mlp, experts=experts_params))
+                       mlp=dict(mlp, moe=layer) if inner else layer)
   return dict(params, blocks=blocks)
 
 

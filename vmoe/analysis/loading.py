@@ -1,6 +1,6 @@
 """Trained models and evaluation data for the analysis functions.
 
-  trained = load('/tmp/vmoe_b16_digits')          # config.json + latest checkpoint
+  trained = load('/tmp/vmoe_b16_digits')   # newest checkpoint + its config
   batches = eval_batches(trained.config, max_examples=300)
 
 A `Trained` holds the resolved config, the model with its parameters (a
@@ -57,24 +57,22 @@ def unscanned(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to `<workdir>/config.json`."""
+  """The resolved config of the run in `workdir`: the one its newest
+  checkpoint records (config.json for older checkpoints)."""
   from vmoe import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  config = workdir_lib.stored_config(workdir)
+  from vmoe.checkpoints import checkpointer as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  config, _ = checkpoint_lib.run_config(workdir)
   if config is None:
-    raise FileNotFoundError(f'{os.path.join(workdir, "config.json")} does not '
-                            'exist: not a training workdir')
-  return config
+    raise FileNotFoundError(f'{workdir} records no config (no checkpoint of '
+                            'ours, no config.json): not a training workdir')
+  return workdir_lib.as_config(config)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the checkpoints kept in `workdir`, ascending."""
+  """Steps of the checkpoints kept in `workdir`, ascending (creates
+  nothing)."""
   from vmoe.checkpoints import checkpointer as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=1000, async_save=False)
-  try:
-    return sorted(ckpt.all_steps())
-  finally:
-    ckpt.close()
+  return checkpoint_lib.list_steps(os.path.join(workdir, 'checkpoints'))
 
 
 def from_params(config: ml_collections.ConfigDict, params: dict[str, Any], *,
@@ -100,25 +98,37 @@ def from_params(config: ml_collections.ConfigDict, params: dict[str, Any], *,
 
 def load(workdir: str, step: int | None = None, *,
          config: ml_collections.ConfigDict | None = None) -> Trained:
-  """The model of `workdir` at `step` (default: the latest checkpoint), with
-  `config` (default: the workdir's config.json)."""
+  """The model of `workdir` at `step` (default: the newest checkpoint that
+  restores and verifies), with the config that checkpoint records.
+
+  Reads as the trainer's resume does (`vmoe.checkpoints.checkpointer.read`):
+  content digests checked, corrupt checkpoints skipped with a warning, one
+  deleted meanwhile by a running training replaced by the next newest;
+  nothing is created. `config`, if given, must match the recorded config in
+  every field that defines the run (ValueError, one line, otherwise).
+  """
+  from vmoe import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from vmoe.checkpoints import checkpointer as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  config = config_from_workdir(workdir) if config is None else config
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=1000, async_save=False)
-  try:
-    steps_kept = ckpt.all_steps()
-    if not steps_kept:
-      raise ValueError(f'no checkpoint in {ckpt.directory}')
-    if step is None:
-      step = max(steps_kept)
-    elif step not in steps_kept:
-      raise ValueError(f'step={step} is not a checkpoint of {workdir} '
-                       f'(kept: {sorted(steps_kept)})')
-    params = ckpt.restore_as_saved(step)['params']
-  finally:
-    ckpt.close()
-  return from_params(config, params, step=int(step), workdir=workdir)
+  restored = checkpoint_lib.read(os.path.join(workdir, 'checkpoints'), step)
+  stored, where = restored.info.config, (
+      f'the config recorded by checkpoint {restored.step}')
+  if stored is None:  # a checkpoint from before configs were recorded
+    stored = workdir_lib.read_config(workdir)
+    where = os.path.join(workdir, workdir_lib.CONFIG_NAME)
+  if config is None:
+    if stored is None:
+      raise FileNotFoundError(f'{workdir} records no config (no '
+                              'config.json): pass config=')
+    config = workdir_lib.as_config(stored)
+  elif stored is not None:
+    changes = workdir_lib.config_differences(config, stored)
+    if changes:
+      raise ValueError(
+          f'{changes}: the given config is not the one the run in {workdir} '
+          f'was trained with ({where}); only vmoe.workdir.RESUME_CHANGEABLE '
+          "fields may differ: leave it out to use the run's")
+  return from_params(config, restored.state['params'], step=restored.step,
+                     workdir=workdir)
 
 
 def eval_batches(config: ml_collections.ConfigDict, *,

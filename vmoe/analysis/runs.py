@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -59,7 +60,10 @@ def run_summary(workdir: str) -> dict[str, Any]:
   last = evals[-1]
   rates = [r['perf/steps_per_sec'] for r in trains]
   rate = float(np.median(rates[1:] if len(rates) > 1 else rates))
-  dropped = [v for k, v in last.items() if k.endswith('/dropped_fraction')]
+  # MoE layers' own drops ('moe/block_<i>/dropped_fraction'), not those of
+  # other block parts (mixture-of-depths' skipped tokens: '.../depth/...').
+  dropped = [v for k, v in last.items()
+             if re.fullmatch(r'moe/block_\d+/dropped_fraction', k)]
   out = dict(step=last['step'], accuracy=last['accuracy'], loss=last['loss'],
              dropped_fraction=float(np.mean(dropped)) if dropped else 0.0,
              steps_per_sec=rate, train_seconds=last['step'] / rate)

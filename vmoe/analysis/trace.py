@@ -149,9 +149,24 @@ def token_view(decision: rt.Routing, logits: Any) -> dict[str, jax.Array]:
 
 
 def moe_blocks(model: nnx.Module) -> dict[int, moe_lib.MoeLayer]:
-  """{block index: MoeLayer} of a `VisionTransformer`."""
-  return {i: blk.mlp for i, blk in enumerate(model.blocks)
-          if isinstance(blk.mlp, moe_lib.MoeLayer)}
+  """{block index: the MoeLayer routing in that block} of a
+  `VisionTransformer` (for a Multi-Head MoE block, its inner layer, which
+  routes h sub-tokens per token: its traces have n * h "tokens" per
+  image)."""
+  return moe_lib.block_moe_layers(model)
+
+
+def capturing_split(model: nnx.Module):
+  """(graphdef, state) of `model` with every MoE layer's capture hook on in
+  the graphdef (the model itself is left as it was)."""
+  layers = moe_blocks(model)
+  for layer in layers.values():
+    layer.capture = True
+  try:
+    return nnx.split(model)
+  finally:
+    for layer in layers.values():
+      layer.capture = False
 
 
 def make_trace_fn(model: nnx.Module):
@@ -159,13 +174,7 @@ def make_trace_fn(model: nnx.Module):
   every view array reshaped from groups [g, s, ...] to images [b, n, ...]
   ('probs' summed over the tokens of each image: [b, e])."""
   layers = moe_blocks(model)
-  for layer in layers.values():
-    layer.capture = True
-  try:
-    graphdef, state = nnx.split(model)
-  finally:
-    for layer in layers.values():
-      layer.capture = False
+  graphdef, state = capturing_split(model)
 
   @jax.jit
   def run(state, images):
@@ -174,7 +183,7 @@ def make_trace_fn(model: nnx.Module):
     b = images.shape[0]
     views = {}
     for i in layers:
-      captured = m.blocks[i].mlp.routing.get_value()[0]
+      captured = moe_lib.block_moe_layers(m)[i].routing.get_value()[0]
       view = token_view(captured.decision, captured.logits)
       # Token t of group j is token j * s + t of the flat [b * n] batch.
       view = {k: v.reshape(b, -1, *v.shape[2:]) for k, v in view.items()}
@@ -215,7 +224,8 @@ def collect(model: nnx.Module, batches: Iterable[dict[str, np.ndarray]]
   traces = {}
   for i, layer in layers.items():
     p = {k: np.concatenate(v) for k, v in parts[i].items()}
-    s = layer.group_size or n
+    # Tokens the layer saw per image (n * h for a Multi-Head MoE's layer).
+    s = layer.group_size or p['top_expert'].shape[1]
     traces[i] = LayerTrace(
         block=i, router=layer.router_type, num_experts=layer.num_experts,
         capacity=int(layer.capacity_for(s, False)), group_size=int(s),

@@ -33,12 +33,14 @@ class Source:
     origin: {our name: name (or names) in the checkpoint}.
     extras: {what: checkpoint name} for parts our model has no place for
       ('map_head', 'qk_norm'); importing fails on them.
+    config: the config the checkpoint records (ours), as JSON values.
   """
   format: str
   path: str
   params: dict[str, np.ndarray]
   origin: dict[str, str]
   extras: dict[str, str] = dataclasses.field(default_factory=dict)
+  config: dict[str, Any] | None = None
 
   def describe(self) -> str:
     return f'checkpoint {self.path!r} ({self.format})'

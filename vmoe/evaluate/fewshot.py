@@ -280,15 +280,27 @@ def check_data(config: ml_collections.ConfigDict, only_if_on: bool = True
   fc = _fewshot_config(config)
   if only_if_on and fc.every_steps == 0:
     return
+  sizes = {}
   for field in ('train_split', 'test_split'):
     cfg = split_config(config, fc[field], fc.dataset, fc.data_dir)
     try:
       pipeline.prepare_dataset(cfg.dataset)
-      pipeline.num_examples(cfg.dataset, cfg.dataset.eval_split)
+      sizes[field] = pipeline.num_examples(cfg.dataset,
+                                           cfg.dataset.eval_split)
+      num_classes = pipeline.num_classes(cfg.dataset)
     except (ValueError, pipeline.DataError) as e:
       name = 'dataset' if fc.dataset else field
       raise ConfigError(f'config.fewshot.{name}={fc[name]!r}: '
                         f'{str(e).splitlines()[0]}') from None
+  # n shots of each class need n * classes training images at least: fewer
+  # would log an "n-shot" result fitted on fewer images per class.
+  most = max(fc.shots)
+  if most * num_classes > sizes['train_split']:
+    raise ConfigError(
+        f'config.fewshot.shots={tuple(fc.shots)!r}: {most}-shot needs '
+        f'{most} images of each of the {num_classes} classes, the '
+        f'train_split {fc.train_split!r} has {sizes["train_split"]} images '
+        f'({sizes["train_split"] // num_classes} per class on average)')
 
 
 class FewShotEvaluator:

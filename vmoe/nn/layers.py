@@ -183,6 +183,39 @@ def dropout_multiplier(rate: float, key: jax.Array | None,
   return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(dtype)
 
 
+def drop_path(x: jax.Array, rate: float | jax.Array, *, train: bool,
+              rngs: Any) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example.
+
+  rate: a Python float, or a traced float32 scalar (the rate of a block
+  inside a scanned stack). The key comes from the 'drop_path' stream the
+  ViT gives each block (`Streams`), else from 'dropout'.
+  """
+  if not train or (isinstance(rate, (int, float)) and rate == 0.0):
+    return x
+  # float32 whether the rate is static or traced: the same values either way.
+  rate = jnp.asarray(rate, jnp.float32)
+  key = rngs.drop_path() if 'drop_path' in rngs else rngs.dropout()
+  keep = jax.random.bernoulli(key, 1.0 - rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+
+
+def join_metrics(metrics: dict[str, Any], **parts: dict[str, Any]
+                 ) -> dict[str, Any]:
+  """`metrics` with the metrics of other parts of a block under
+  '<part>/<name>'; their `AUX_LOSS_KEY` entries are summed into the
+  returned one (one auxiliary loss per block)."""
+  out = dict(metrics)
+  for part, values in parts.items():
+    for name, value in values.items():
+      if name == AUX_LOSS_KEY:
+        out[AUX_LOSS_KEY] = out.get(AUX_LOSS_KEY, 0.0) + value
+      else:
+        out[f'{part}/{name}'] = value
+  return out
+
+
 class MlpBlock(nnx.Module):
   """Transformer MLP: Dense(d->h) -> GELU -> dropout -> Dense(h->d).
 

@@ -42,6 +42,7 @@ from vmoe.config import ConfigError, is_bool, is_int, is_number
 from vmoe.nn import batched_mlp
 from vmoe.nn import dispatch as dp
 from vmoe.nn import layers
+from vmoe.nn import moe_kinds
 from vmoe.nn import routers
 from vmoe.nn import routing as rt
 from vmoe.nn.layers import DType, param
@@ -101,6 +102,19 @@ def default_moe_config() -> ml_collections.ConfigDict:
       FLOPs of m = 1 (token choice: k * m; expert choice and Soft MoE: the
       same slots per expert). Expert parameters and active FLOPs stay those
       of m = 1; only the router (e * m gates or slot vectors) grows.
+    kind: the kind of layer (`vmoe.nn.moe_kinds`): 'moe' (this layer) or
+      'multi_head' (Multi-Head MoE over sub-tokens: `mh_heads`,
+      `mh_sizing`); build any kind with `build_layer`.
+    expert_output_mask_rate: Expert Output Masking (EOM; Elbayad et al.
+      2023, https://arxiv.org/abs/2212.07571, fairseq `moe_eom`): in
+      training, each expert buffer slot's output (one token's output of one
+      expert) is zeroed with this probability, without rescaling; at
+      evaluation the expert outputs are scaled by 1 - rate (the reference
+      code's convention).
+    final_output_mask_rate: Final Output Masking (FOM, fairseq `moe_fom`):
+      in training, each token's whole MoE output (routed and shared
+      experts) is zeroed with this probability, without rescaling; scaled
+      by 1 - rate at evaluation.
     *_loss_weight: weights of the auxiliary losses in `auxiliary_loss`.
       Importance and load losses enter the auxiliary loss of token choice and
       Sinkhorn token choice (as in vmoe), the balance loss that of token
@@ -121,8 +135,12 @@ def default_moe_config() -> ml_collections.ConfigDict:
       'softmax' (default) | 'clean_softmax' | 'plan'.
     sparse_ot_steps, sparse_ot_learning_rate: the Adam budget of the
       sparsity-constrained plan (20 steps, 1e-2).
+    local_entropy_loss_weight, global_entropy_loss_weight,
+      global_entropy_threshold: LIMoE's entropy losses (gate routers, see
+      `vmoe.nn.routers.base.GateRouter`).
   """
   return ml_collections.ConfigDict(dict(
+      kind='moe',
       router='token_choice',
       num_experts=8,
       group_size=None,
@@ -137,11 +155,14 @@ def default_moe_config() -> ml_collections.ConfigDict:
       num_shared_experts=0,
       shared_hidden_dim=None,
       granularity=1,
+      expert_output_mask_rate=0.0,
+      final_output_mask_rate=0.0,
       importance_loss_weight=0.005,
       load_loss_weight=0.005,
       balance_loss_weight=0.0,
       z_loss_weight=0.0,
       **routers.default_options(),
+      **moe_kinds.default_options(),
   ))
 
 
@@ -155,12 +176,14 @@ def _merged(cfg) -> types.SimpleNamespace:
 def validate_moe_config(cfg: ml_collections.ConfigDict,
                         prefix: str = 'model.moe',
                         mlp_dim: int | None = None,
-                        other_router_options: bool = True) -> None:
+                        other_router_options: bool = True,
+                        dim: int | None = None) -> None:
   """Raises ConfigError (a ValueError) with one line naming the first bad
   field.
 
   mlp_dim: the MLP hidden size of the model, to check that `granularity`
-  (and nothing else) divides it; skipped when None.
+  divides it and the layer kind's sizes; skipped when None.
+  dim: the model width, for the layer kind's checks (skipped when None).
   other_router_options: accept options of other routers (ignored by the
   layer). A run's config refuses them when they differ from their defaults,
   since they would do nothing (`--config.model.moe.k=4` on expert choice).
@@ -180,6 +203,8 @@ def validate_moe_config(cfg: ml_collections.ConfigDict,
       fail(f'{prefix}.{field}={getattr(c, field)!r} '
            f'{what.replace("model.moe.", prefix + ".")}')
 
+  need(c.kind in moe_kinds.names(), 'kind',
+       f'is not one of {moe_kinds.names()}')
   need(c.router in routers.names(), 'router',
        f'is not one of {routers.names()}')
   need(c.dispatch in dp.METHODS, 'dispatch', f'is not one of {dp.METHODS}')
@@ -214,6 +239,9 @@ def validate_moe_config(cfg: ml_collections.ConfigDict,
             'balance_loss_weight', 'z_loss_weight'):
     need(is_number(getattr(c, w)) and getattr(c, w) >= 0, w,
          'must be a number >= 0')
+  for rate in ('expert_output_mask_rate', 'final_output_mask_rate'):
+    need(is_number(getattr(c, rate)) and 0 <= getattr(c, rate) < 1, rate,
+         'must be a number in [0, 1)')
   kernel_registry.validate(c.kernels, f'{prefix}.kernels')
   router = routers.get(c.router)
   # Another router's option set away from its default would be ignored.
@@ -222,6 +250,21 @@ def validate_moe_config(cfg: ml_collections.ConfigDict,
         and key not in router.OPTIONS and cfg[key] != default):
       need(False, key, f'is not an option of router {c.router!r}')
   router.validate(c, need)
+  kind = moe_kinds.get(c.kind)
+  if not other_router_options:
+    for key in moe_kinds.KINDS.foreign_options(c.kind, cfg):
+      need(False, key, f'is not an option of model.moe.kind={c.kind!r}')
+  kind.validate(c, need, dim=dim, mlp_dim=mlp_dim)
+
+
+def build_layer(dim: int, hidden_dim: int, *,
+                config: ml_collections.ConfigDict, **kw) -> nnx.Module:
+  """The MLP slot of an MoE block: the layer of kind `config.kind`
+  (`vmoe.nn.moe_kinds`; 'moe' is `MoeLayer`). kw: as for MoeLayer."""
+  validate_moe_config(config, mlp_dim=hidden_dim, dim=dim)
+  c = _merged(config)
+  return moe_kinds.get(c.kind).build(MoeLayer, dim, hidden_dim,
+                                     config=config, options=c, **kw)
 
 
 def _num_shards(placement) -> int:
@@ -230,6 +273,20 @@ def _num_shards(placement) -> int:
   for a in axes:
     out *= sizes[a]
   return out
+
+
+def output_mask(y: jax.Array, rate: float, key: jax.Array | None,
+                shape: tuple[int, ...]) -> jax.Array:
+  """Output masking of Elbayad et al. 2023 (EOM / FOM, fairseq's
+  convention): with a key (training), y times a {0, 1} mask of `shape`
+  (broadcast against y) that is 0 with probability `rate`, no rescaling;
+  without a key (evaluation), y * (1 - rate)."""
+  if rate == 0.0:
+    return y
+  if key is None:
+    return y * jnp.asarray(1.0 - rate, y.dtype)
+  keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+  return jnp.where(keep, y, jnp.zeros((), y.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -382,10 +439,12 @@ class Captured:
     group_size: static s; token t of group i is token (i * s + t) of the
       flattened [b * n] batch, i.e. image (i * s + t) // n, position
       (i * s + t) % n.
+    tokens: [g, s, d] the tokens the layer routed (its input, grouped).
   """
   decision: Any
   logits: Any
   group_size: int = dataclasses.field(metadata=dict(static=True))
+  tokens: Any = None
 
 
 class MoeLayer(nnx.Module):
@@ -399,7 +458,10 @@ class MoeLayer(nnx.Module):
   Analysis hooks (static attributes; re-split and re-jit after changing them):
   `disabled_experts` (expert ids whose outputs are zeroed: expert ablation)
   and `capture` (sow a `Captured` as `nnx.Intermediate` 'routing'; see
-  `capture_routing`).
+  `capture_routing`). `forcing` (None, or int [b, e] / [b, n, e] of
+  `vmoe.nn.routing.FORCE_OFF` / `FORCE_FREE` / `FORCE_ON`, per image or per
+  token) forces experts on or off (`set_forcing`, at inference; routers
+  with `SUPPORTS_FORCING`).
 
   Params: router/... (the router's own), experts/{kernel1, bias1, kernel2,
   bias2} [e, ...], shared_experts/... [num_shared_experts, ...] if any.
@@ -411,6 +473,9 @@ class MoeLayer(nnx.Module):
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     validate_moe_config(config, mlp_dim=hidden_dim)
     c = _merged(config)
+    if c.kind != 'moe':
+      raise ValueError(f'model.moe.kind={c.kind!r}: build the layer with '
+                       'vmoe.nn.moe.build_layer (MoeLayer is the kind "moe")')
     router_cls = routers.get(c.router)
     shared_hidden = c.shared_hidden_dim or hidden_dim
     m = c.granularity
@@ -429,8 +494,11 @@ class MoeLayer(nnx.Module):
     self.kernels = c.kernels
     self.bf16_dispatch = c.bf16_dispatch
     self.dtype = dtype
+    self.expert_output_mask_rate = float(c.expert_output_mask_rate)
+    self.final_output_mask_rate = float(c.final_output_mask_rate)
     self.disabled_experts: tuple[int, ...] = ()
     self.capture = False
+    self.forcing = None
     self.router = router_cls(dim, c, param_dtype=param_dtype, rngs=rngs)
     self.experts = Experts(c.num_experts, dim, hidden_dim,
                            dropout_rate=dropout_rate, gelu=gelu, dtype=dtype,
@@ -476,36 +544,71 @@ class MoeLayer(nnx.Module):
     capacity = self.capacity_for(s, train)
     # Logits (and their noise) are per token: plain SPMD code either way.
     logits = self.router.logits(xg, train=train, rngs=rngs)
+    forcing = self._forcing(b, n, s)
+    if forcing is not None:
+      logits = self.router.force(logits, forcing)
     placement = sharding.context_batch_axes()
     if placement is not None and xg.shape[0] % _num_shards(placement):
       placement = None  # groups do not split evenly: let XLA place them
     xd = self._rounded(xg.astype(dtype))
+    eom_key = layers.dropout_key(self.expert_output_mask_rate, train, rngs)
     if placement is None:
       r = self.router.decide(logits, capacity=capacity)
+      if forcing is not None:
+        r = rt.drop_forced_off(r, forcing)
 
       def expert_fn(buffers):
         ys = self.experts(buffers, train=train, rngs=rngs)
-        return self._rounded(self._masked(ys))
+        return self._rounded(self._masked(self._eom(ys, eom_key)))
 
       def ragged_fn(xs, sizes, expert_id):
         ys = self.experts.ragged(xs, sizes, expert_id, train=train, rngs=rngs,
                                  kernels=self.kernels)
-        return self._rounded(self._masked(ys, expert_id))
+        return self._rounded(self._masked(self._eom(ys, eom_key), expert_id))
 
       y = dp.moe_apply(r, xd, expert_fn, method=self.dispatch,
                        ragged_fn=ragged_fn, kernels=self.kernels)
     else:
+      if forcing is not None:
+        raise ValueError('expert forcing runs without an expert-parallel '
+                         'mesh (evaluate the model unsharded)')
       # The decision and the token movement run per device.
       y, r = self._apply_sharded(logits, xd, placement, capacity=capacity,
-                                 train=train, rngs=rngs)
+                                 train=train, rngs=rngs, eom_key=eom_key)
     metrics = self.router.metrics(r, logits, train=train)
     if self.capture:
-      self.sow(nnx.Intermediate, 'routing', Captured(r, logits, s))
+      self.sow(nnx.Intermediate, 'routing', Captured(r, logits, s, xg))
     y = y.reshape(b, n, d)
     if self.shared_experts is not None:
       y = y + self.shared_experts.as_one_mlp(
           x.reshape(b * n, d), train=train, rngs=rngs).reshape(b, n, d)
+    y = output_mask(y, self.final_output_mask_rate,
+                    layers.dropout_key(self.final_output_mask_rate, train,
+                                       rngs), (b, n, 1))
     return y.astype(x.dtype), metrics
+
+  def _forcing(self, b: int, n: int, s: int) -> jax.Array | None:
+    """`forcing` as [g, s, e] for the groups of a [b, n] batch, or None."""
+    if self.forcing is None:
+      return None
+    if not self.router.SUPPORTS_FORCING:
+      raise ValueError(f'model.moe.router={self.router_type!r} does not '
+                       'support expert forcing')
+    f = jnp.asarray(self.forcing)
+    e = self.num_experts
+    if f.shape == (b, e):
+      f = jnp.broadcast_to(f[:, None, :], (b, n, e))
+    if f.shape != (b, n, e):
+      raise ValueError(f'expert forcing of shape {f.shape} is not [b, e] or '
+                       f'[b, n, e] for a batch of {b} x {n} tokens and {e} '
+                       'experts')
+    return f.reshape(b * n // s, s, e)
+
+  def _eom(self, y: jax.Array, key: jax.Array | None) -> jax.Array:
+    """Expert Output Masking of expert outputs y [e, g, c, d] (slots) or
+    [m, d] (rows): one mask entry per slot / row."""
+    return output_mask(y, self.expert_output_mask_rate, key,
+                       y.shape[:-1] + (1,))
 
   def _rounded(self, a: jax.Array) -> jax.Array:
     """`a` rounded to bfloat16 and back if `bf16_dispatch` (else `a`)."""
@@ -527,7 +630,8 @@ class MoeLayer(nnx.Module):
     return y * on[eid][:, None]
 
   def _apply_sharded(self, logits: Any, xg: jax.Array, placement, *,
-                     capacity: int, train: bool, rngs: nnx.Rngs | None
+                     capacity: int, train: bool, rngs: nnx.Rngs | None,
+                     eom_key: jax.Array | None = None
                      ) -> tuple[jax.Array, rt.Routing]:
     """Route -> dispatch -> experts -> combine per device, experts split.
 
@@ -545,6 +649,7 @@ class MoeLayer(nnx.Module):
       placement: (batch mesh axes, mesh axis sizes) of the context mesh.
       capacity: slots per expert and group.
       train, rngs: dropout in the experts.
+      eom_key: key of the Expert Output Masking (None: no mask in training).
 
     Returns:
       (y [g, s, d], the routing decision with [g, ...] arrays).
@@ -564,19 +669,24 @@ class MoeLayer(nnx.Module):
     rate = self.experts.dropout_rate
     approximate = self.experts.approximate_gelu
     key = layers.dropout_key(rate, train, rngs)
-    use_dropout = key is not None
-    if not use_dropout:  # shard_map takes arrays only; unused inside
-      key = jnp.zeros((), jnp.uint32)
+    use_dropout, use_eom = key is not None, eom_key is not None
+    # shard_map takes arrays only; unused inside when off.
+    keys = tuple(k if k is not None else jnp.zeros((), jnp.uint32)
+                 for k in (key, eom_key))
     method = self.dispatch
     decide = lambda z: self.router.decide(z, capacity=capacity)
 
-    def local(logits, x, weights, key):
+    def per_device(key, on):
+      if not on:
+        return None
+      for axis in axes:  # distinct masks on every device
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+      return key
+
+    def local(logits, x, weights, keys):
       r = decide(logits)
-      if use_dropout:  # distinct masks on every device
-        for axis in axes:
-          key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-      else:
-        key = None
+      key = per_device(keys[0], use_dropout)
+      eom = per_device(keys[1], use_eom)
 
       def expert_fn(buffers):  # [e, g_l, c, d]
         if num_shards > 1:  # -> [e / X, X * g_l, c, d]
@@ -587,14 +697,14 @@ class MoeLayer(nnx.Module):
         if num_shards > 1:
           y = jax.lax.all_to_all(y, 'expert', split_axis=1, concat_axis=0,
                                  tiled=True)
-        return self._rounded(self._masked(y))
+        return self._rounded(self._masked(self._eom(y, eom)))
 
       def ragged_fn(xs, group_sizes, expert_id):  # only with num_shards == 1
         ys = apply_experts_ragged(weights, xs, group_sizes, expert_id,
                                   dropout_rate=rate, dropout_key=key,
                                   approximate_gelu=approximate,
                                   kernels=self.kernels)
-        return self._rounded(self._masked(ys, expert_id))
+        return self._rounded(self._masked(self._eom(ys, eom), expert_id))
 
       y = dp.moe_apply(r, x, expert_fn, method=method, ragged_fn=ragged_fn,
                        kernels=self.kernels)
@@ -604,9 +714,9 @@ class MoeLayer(nnx.Module):
     return jax.shard_map(
         local,
         in_specs=(rt.group_partition_specs(logits, batch), batch,
-                  (expert,) * len(weights), jax.sharding.PartitionSpec()),
+                  (expert,) * len(weights), (jax.sharding.PartitionSpec(),) * 2),
         out_specs=(batch, rt.group_partition_specs(r_shape, batch)),
-    )(logits, xg, weights, key)
+    )(logits, xg, weights, keys)
 
 
 # ----------------------------------------------------------------------------
@@ -618,6 +728,47 @@ def moe_layers(model: nnx.Module) -> dict[Any, MoeLayer]:
   """{module path: MoeLayer} of every MoE layer in `model`, in order."""
   return {path: m for path, m in nnx.iter_modules(model)
           if isinstance(m, MoeLayer)}
+
+
+def routed_layer(module: nnx.Module) -> MoeLayer | None:
+  """The MoeLayer that routes in an MLP slot: the slot itself, or the one a
+  layer kind wraps (its `moe` attribute, e.g. Multi-Head MoE); None for a
+  dense MLP."""
+  if isinstance(module, MoeLayer):
+    return module
+  inner = getattr(module, 'moe', None)
+  return inner if isinstance(inner, MoeLayer) else None
+
+
+def block_moe_layers(model: nnx.Module) -> dict[int, MoeLayer]:
+  """{block index: the MoeLayer routing in that block} of a
+  `vmoe.nn.vit.VisionTransformer`."""
+  out = {}
+  for i, blk in enumerate(model.blocks):
+    layer = routed_layer(getattr(blk, 'mlp', None))
+    if layer is not None:
+      out[i] = layer
+  return out
+
+
+def set_forcing(model: nnx.Module, forcing: dict[int, Any]) -> None:
+  """Forces experts on or off: {MoE block index: int [b, e] (per image) or
+  [b, n, e] (per token, n the tokens the layer sees) of
+  `vmoe.nn.routing.FORCE_OFF` (-1) / `FORCE_FREE` (0) / `FORCE_ON` (+1), or
+  None (no forcing)}.
+
+  Off: the router may not pick the expert (its gate is 0 and the token is
+  routed among the others); on: the expert is the token's first choice with
+  gate 1 (`vmoe.nn.routing.force_logits`). For inference: call it on the
+  model merged inside the jitted function, with the masks as (traced)
+  arrays, e.g. `analysis.forced_accuracy`.
+  """
+  layers_ = block_moe_layers(model)
+  for i, mask in forcing.items():
+    if i not in layers_:
+      raise ValueError(f'expert forcing: block {i} is not an MoE block (MoE '
+                       f'blocks: {list(layers_)})')
+    layers_[i].forcing = mask
 
 
 # pylint: disable-next=redefined-builtin
@@ -651,8 +802,7 @@ def capture_routing(model: nnx.Module, images: jax.Array, *,
   is left as it was (capture switched off, nothing stored). Runs jitted; pass
   `rngs` (with 'gating' and 'dropout' streams) when train=True.
   """
-  blocks = {i: blk.mlp for i, blk in enumerate(model.blocks)
-            if isinstance(blk.mlp, MoeLayer)}
+  blocks = block_moe_layers(model)
   for layer in blocks.values():
     layer.capture = True
   try:
@@ -665,7 +815,8 @@ def capture_routing(model: nnx.Module, images: jax.Array, *,
       run_rngs = (nnx.Rngs(gating=key, dropout=jax.random.fold_in(key, 1))
                   if key is not None else None)
       logits, metrics = m(images, train=train, rngs=run_rngs)
-      captured = {i: m.blocks[i].mlp.routing.get_value()[0] for i in blocks}
+      inner = block_moe_layers(m)
+      captured = {i: inner[i].routing.get_value()[0] for i in blocks}
       return logits, metrics, captured
 
     return run(state, images, key)

@@ -696,6 +696,98 @@ def z_loss(logits: Array) -> Array:
   return jnp.mean(jnp.square(lse))
 
 
+def _xlogx(p: Array) -> Array:
+  """p * log(p) with 0 at p = 0, and a finite gradient there too."""
+  safe = jnp.where(p > 0, p, 1.0)
+  return jnp.where(p > 0, p * jnp.log(safe), 0.0)
+
+
+def local_entropy_loss(logits: Array) -> Array:
+  """LIMoE local entropy loss (Mustafa et al. 2022, Sec. 3.1): the mean over
+  tokens of the entropy of each token's router distribution,
+  (1 / s) sum_s H(softmax(logits[s])). Minimising it makes every token's
+  routing confident.
+
+  Args:
+    logits: [g, s, e] router logits (the softmax axis last).
+  Returns:
+    scalar (nats), mean over the tokens of every group.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
+
+
+def global_entropy_loss(logits: Array,
+                        threshold: float | None = None) -> Array:
+  """LIMoE global entropy loss: minus the entropy of the group's marginal
+  router distribution p = (1 / s) sum_s softmax(logits[s]), so minimising
+  it spreads the tokens over the experts. With LIMoE's threshold tau the
+  loss is max(0, tau - H(p)): zero once the marginal entropy reaches tau.
+
+  LIMoE takes the marginal over all tokens of a modality in the batch; here
+  it is taken per routing group (like every auxiliary loss of this module)
+  and averaged over groups.
+
+  Args:
+    logits: [g, s, e] router logits.
+    threshold: tau in nats, or None (no threshold: -H(p)).
+  Returns:
+    scalar.
+  """
+  p = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=1)
+  h = -jnp.sum(_xlogx(p), axis=-1)                                  # [g]
+  loss = -h if threshold is None else jax.nn.relu(threshold - h)
+  return jnp.mean(loss)
+
+
+# ----------------------------------------------------------------------------
+# Expert forcing.
+# ----------------------------------------------------------------------------
+
+FORCE_OFF, FORCE_FREE, FORCE_ON = -1, 0, 1
+# A logit that no softmax of float32 logits of magnitude < 1e4 can tell from
+# -inf (exp underflows to exactly 0) yet keeps softmax and top-k finite.
+FORCED_LOGIT = 1e4
+
+
+def force_logits(logits: Array, forcing: Array) -> Array:
+  """Router logits [g, s, e] with experts forced on or off per token.
+
+  forcing [g, s, e] holds FORCE_OFF (-1: the router may not pick the
+  expert; its softmax gate becomes 0 and the token's other gates are
+  renormalised over the experts left), FORCE_FREE (0) or FORCE_ON (+1: the
+  expert is the token's first choice; with one forced expert its softmax
+  gate is 1, with m of them 1 / m each). Implemented as logits of
+  -FORCED_LOGIT / +FORCED_LOGIT, so every decision made from softmax gates
+  (top-k, capacity, BPR, expert choice) sees the forcing.
+  """
+  logits = logits.astype(jnp.float32)
+  return jnp.where(forcing < 0, -FORCED_LOGIT,
+                   jnp.where(forcing > 0, FORCED_LOGIT, logits))
+
+
+def drop_forced_off(routing: Routing, forcing: Array) -> Routing:
+  """Zeroes the combine weight of every (token, expert) pair forced off.
+
+  `force_logits` already keeps such pairs out of the decision unless a
+  token has fewer than k experts left (e.g. all forced off); this makes
+  "off" exact in that case too. forcing: [g, s, e].
+  """
+  off = forcing < 0
+  if isinstance(routing, TokenChoiceRouting):
+    pair_off = jnp.take_along_axis(off, routing.expert_index, axis=-1)
+    return dataclasses.replace(
+        routing, combine_weight=jnp.where(pair_off, 0.0,
+                                          routing.combine_weight))
+  if isinstance(routing, ExpertChoiceRouting):
+    slot_off = jnp.take_along_axis(jnp.swapaxes(off, 1, 2),
+                                   routing.token_index, axis=-1)
+    return dataclasses.replace(
+        routing, combine_weight=jnp.where(slot_off, 0.0,
+                                          routing.combine_weight))
+  raise TypeError(f'expert forcing is not defined for {type(routing)}')
+
+
 # ----------------------------------------------------------------------------
 # Routing statistics.
 # ----------------------------------------------------------------------------

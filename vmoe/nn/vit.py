@@ -1,9 +1,13 @@
 """Vision Transformer (Dosovitskiy et al. 2021) and ViT-MoE in Flax NNX.
 
 The encoder is the standard pre-LN ViT. The MLP slot of every block is pluggable:
-a dense `MlpBlock` or an MoE layer (`vmoe.nn.moe.MoeLayer`: token choice as in
-V-MoE, Riquelme et al. 2021; expert choice, Zhou et al. 2022; Soft MoE,
-Puigcerver et al. 2023), chosen per block from `config.model.moe`.
+a dense `MlpBlock` or an MoE layer (`vmoe.nn.moe.build_layer`: token choice as
+in V-MoE, Riquelme et al. 2021; expert choice, Zhou et al. 2022; Soft MoE,
+Puigcerver et al. 2023; Multi-Head MoE, ...), chosen per block from
+`config.model.moe`. The attention of every block is a registered kind
+(`vmoe.nn.attention`, `config.model.attention`: standard, mixture-of-head,
+gated) and so is the block itself (`vmoe.nn.blocks`, `config.model.block`:
+standard, mixture-of-depths, nested experts).
 
 Shapes: images [b, H, W, C]; tokens [b, n, d] with n = (H/p)*(W/p) (+1 with a
 class token); logits [b, num_classes].
@@ -23,12 +27,16 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from vmoe.config import check, is_int
+from vmoe.config import ConfigError, check, is_int
+from vmoe.nn import attention as attention_lib
 from vmoe.nn import batched_mlp
+from vmoe.nn import blocks as blocks_lib
 from vmoe.nn import layers
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import scan as scan_lib
-from vmoe.nn.layers import AUX_LOSS_KEY, Dense, LayerNorm, MlpBlock, dropout
+# pylint: disable-next=unused-import
+from vmoe.nn.layers import (AUX_LOSS_KEY, Dense, LayerNorm, MlpBlock, dropout,
+                            drop_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +96,10 @@ def model_size(model_cfg: ml_collections.ConfigDict) -> tuple[VitSize, int]:
   return size, patch
 
 
-def moe_block_indices(spec: Any, depth: int) -> tuple[int, ...]:
-  """Which blocks (0-based) get an MoE MLP.
+def moe_block_indices(spec: Any, depth: int,
+                      field: str = 'model.moe.layers') -> tuple[int, ...]:
+  """Which blocks (0-based) get an MoE MLP (or, with another `field`, a
+  block kind: `model.block_options.<kind>_layers`).
 
   spec: a sequence of block indices; 'every:N' (blocks N-1, 2N-1, ..., i.e.
   V-MoE's "every other layer" for N=2); 'last:N' (the last N blocks);
@@ -107,14 +117,44 @@ def moe_block_indices(spec: Any, depth: int) -> tuple[int, ...]:
         return tuple(range(n - 1, depth, n))
       return tuple(range(max(depth - n, 0), depth))
     raise ValueError(
-        f"model.moe.layers={spec!r} is not one of 'every:N', 'last:N', "
+        f"{field}={spec!r} is not one of 'every:N', 'last:N', "
         f"'second_half', 'none' or a list of block indices")
   indices = tuple(int(i) for i in spec)
   bad = [i for i in indices if not 0 <= i < depth]
   if bad or len(set(indices)) != len(indices):
-    raise ValueError(f'model.moe.layers={tuple(spec)!r} must be distinct block '
+    raise ValueError(f'{field}={tuple(spec)!r} must be distinct block '
                      f'indices in [0, {depth})')
   return tuple(sorted(indices))
+
+
+def validate_kinds(*, size: VitSize, pool: str, attention: Any,
+                   attention_options: Any, block: Any, block_options: Any,
+                   moe: Any, prefix: str = 'model') -> tuple[int, ...]:
+  """Checks the attention and block kinds and their options against the
+  model (ConfigError, one line); returns the blocks the block kind applies
+  to."""
+  attention_lib.ATTENTION.check(
+      attention, attention_options, field=f'{prefix}.attention',
+      options_field=f'{prefix}.attention_options', num_heads=size.num_heads)
+  if block not in blocks_lib.names():  # named before its options are read
+    blocks_lib.BLOCKS.check(block, None, field=f'{prefix}.block',
+                            options_field=f'{prefix}.block_options')
+  options = blocks_lib.BLOCKS.options(block_options)
+  option = getattr(blocks_lib.get(block), 'LAYERS_OPTION', None)
+  try:
+    kind_blocks = moe_block_indices(
+        blocks_lib.layers_spec(block, options), size.depth,
+        field=f'{prefix}.block_options.{option}')
+    moe_blocks = moe_block_indices(moe.get('layers') if moe else None,
+                                   size.depth)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  blocks_lib.BLOCKS.check(
+      block, block_options, field=f'{prefix}.block',
+      options_field=f'{prefix}.block_options', dim=size.width,
+      attention=attention, moe=moe, moe_blocks=moe_blocks,
+      kind_blocks=kind_blocks, num_prefix_tokens=int(pool == 'tok'))
+  return kind_blocks
 
 
 class MultiHeadAttention(nnx.Module):
@@ -138,54 +178,67 @@ class MultiHeadAttention(nnx.Module):
                                  ('embed',), param_dtype)
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [b, n, d] -> [b, n, d]."""
+  def qkv(self, x: jax.Array) -> jax.Array:
+    """x [b, n, d] -> [3, b, n, h, k]: queries, keys, values."""
     dtype = self.dtype or x.dtype
-    x = x.astype(dtype)
-    qkv = jnp.einsum('bnd,dthk->tbnhk', x, self.qkv_kernel[...].astype(dtype))
+    qkv = jnp.einsum('bnd,dthk->tbnhk', x.astype(dtype),
+                     self.qkv_kernel[...].astype(dtype))
     qkv = qkv + self.qkv_bias[...].astype(dtype)[:, None, None]
-    qkv = checkpoint_name(qkv, 'qkv')  # for model.remat='save:qkv'
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    return checkpoint_name(qkv, 'qkv')  # for model.remat='save:qkv'
+
+  def attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Scaled dot-product attention per head: q, k, v [b, n, h, k] -> the
+    heads' outputs [b, n, h, k]."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum('bqhk,bmhk->bhqm', q * scale, k)
     # Softmax in float32 for stability under bf16 activations.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-    out = jnp.einsum('bhqm,bmhk->bqhk', weights, v)
-    out = jnp.einsum('bqhk,hkd->bqd', out, self.out_kernel[...].astype(dtype))
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(
+        q.dtype)
+    return jnp.einsum('bhqm,bmhk->bqhk', weights, v)
+
+  def heads(self, x: jax.Array) -> jax.Array:
+    """x [b, n, d] -> every head's output [b, n, h, k] (before the output
+    projection)."""
+    return self.attention(*self.qkv(x))
+
+  def project(self, heads: jax.Array) -> jax.Array:
+    """The output projection: heads [b, n, h, k] -> [b, n, d]."""
+    dtype = heads.dtype
+    out = jnp.einsum('bqhk,hkd->bqd', heads, self.out_kernel[...].astype(dtype))
     return out + self.out_bias[...].astype(dtype)
 
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [b, n, d] -> [b, n, d]."""
+    return self.project(self.heads(x))
 
-def drop_path(x: jax.Array, rate: float | jax.Array, *, train: bool,
-              rngs: Any) -> jax.Array:
-  """Stochastic depth: drops the whole residual branch per example.
-
-  rate: a Python float, or a traced float32 scalar (the rate of a block
-  inside a scanned stack); its key comes from the 'drop_path' stream.
-  """
-  if not train or (isinstance(rate, (int, float)) and rate == 0.0):
-    return x
-  # float32 whether the rate is static or traced: the same values either way.
-  rate = jnp.asarray(rate, jnp.float32)
-  keep = jax.random.bernoulli(rngs.drop_path(), 1.0 - rate,
-                              (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+  def attend(self, x: jax.Array, *, train: bool = False,
+             rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
+    """The attention-kind interface (`vmoe.nn.attention`): (y, metrics)."""
+    del train, rngs
+    return self(x), {}
 
 
 class EncoderBlock(nnx.Module):
   """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); MLP dense or MoE.
 
+  attention, attention_options: the attention kind (`vmoe.nn.attention`)
+  and its merged options; its metrics join the block's under 'attention/'.
+
   Called as block(x, drop_path_rate=..., train=..., rngs=...) -> (x,
   metrics): the stochastic depth rate is an argument, not an attribute, so
   that blocks at every depth are the same module and scan together
-  (`vmoe.nn.scan`). Every block kind the model's factory builds follows
-  this call signature.
+  (`vmoe.nn.scan`). Every block kind (`vmoe.nn.blocks`) follows this call
+  signature.
   """
 
   def __init__(self, dim: int, num_heads: int, mlp: nnx.Module, *,
-               dropout_rate: float, dtype, param_dtype, rngs: nnx.Rngs):
+               dropout_rate: float, dtype, param_dtype, rngs: nnx.Rngs,
+               attention: str = 'mha', attention_options: Any = None):
     self.ln1 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attn = MultiHeadAttention(dim, num_heads, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+    self.attn = attention_lib.build(
+        attention, MultiHeadAttention,
+        attention_lib.ATTENTION.options(attention_options), dim, num_heads,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln2 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = mlp
     self.dropout_rate = dropout_rate
@@ -193,7 +246,8 @@ class EncoderBlock(nnx.Module):
   def __call__(self, x, *, drop_path_rate: float | jax.Array = 0.0,
                train: bool, rngs: Any):
     x = layers.materialize_cotangent(x)
-    y = checkpoint_name(self.attn(self.ln1(x)), 'attn')
+    y, attn_metrics = self.attn.attend(self.ln1(x), train=train, rngs=rngs)
+    y = checkpoint_name(y, 'attn')
     y = dropout(y, self.dropout_rate, train=train, rngs=rngs)
     x = x + drop_path(y, drop_path_rate, train=train, rngs=rngs)
     x = layers.materialize_cotangent(x)
@@ -201,17 +255,21 @@ class EncoderBlock(nnx.Module):
     y = checkpoint_name(y, 'mlp')
     y = dropout(y, self.dropout_rate, train=train, rngs=rngs)
     x = x + drop_path(y, drop_path_rate, train=train, rngs=rngs)
-    return x, metrics
+    return x, layers.join_metrics(metrics, attention=attn_metrics)
 
 
 def encoder_block(index: int, *, size: VitSize, moe: Any,
-                  moe_blocks: tuple[int, ...], dropout_rate: float, gelu: str,
-                  dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+                  moe_blocks: tuple[int, ...], block: str,
+                  kind_blocks: tuple[int, ...], block_options: Any,
+                  attention: str, attention_options: Any,
+                  dropout_rate: float, gelu: str, dtype, param_dtype,
+                  rngs: nnx.Rngs) -> nnx.Module:
   """Block `index` of the encoder: the model's one block factory.
 
-  Every block is built here from its index, so a new block kind (another
-  attention or MLP slot, mixture-of-depths, ...) plugs in at one place, and
-  blocks whose modules come out identical scan together
+  The block kind `block` (`vmoe.nn.blocks`) at the blocks it selects
+  (`kind_blocks`), the standard block elsewhere; the MLP slot an MoE layer
+  (`vmoe.nn.moe.build_layer`) at `moe_blocks`. Blocks whose modules come out
+  identical (same kind, same MLP, same static options) scan together
   (`model.scan_layers`).
   """
   d = size.width
@@ -219,15 +277,18 @@ def encoder_block(index: int, *, size: VitSize, moe: Any,
     # model.moe.dropout: dropout inside the experts (vmoe's moe.dropout_rate;
     # None = model.dropout).
     expert_dropout = moe.get('dropout')
-    mlp = moe_lib.MoeLayer(
+    mlp = moe_lib.build_layer(
         d, size.mlp_dim, config=moe,
         dropout_rate=dropout_rate if expert_dropout is None else expert_dropout,
         gelu=gelu, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   else:
     mlp = MlpBlock(d, size.mlp_dim, dropout_rate=dropout_rate, gelu=gelu,
                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-  return EncoderBlock(d, size.num_heads, mlp, dropout_rate=dropout_rate,
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return blocks_lib.build(
+      block if index in kind_blocks else 'standard', EncoderBlock,
+      block_options, d, size.num_heads, mlp, dropout_rate=dropout_rate,
+      dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention,
+      attention_options=attention_options)
 
 
 class VisionTransformer(nnx.Module):
@@ -244,6 +305,12 @@ class VisionTransformer(nnx.Module):
     head (the ImageNet-21k pre-training of ViT and V-MoE); None = none.
   size: width / depth / mlp_dim / heads overriding those of `variant` (whose
     patch size is kept); see `model_size`.
+  attention, attention_options: the attention kind of every block
+    (`vmoe.nn.attention`: 'mha', 'moh', 'gated') and its options (a mapping;
+    None = defaults).
+  block, block_options: the block kind (`vmoe.nn.blocks`: 'standard', 'mod',
+    'mone') of the blocks its `<kind>_layers` option selects, and its
+    options; the other blocks are standard.
   scan_layers: runs of identical blocks as scanned stacks with stacked
     parameters (`vmoe.nn.scan`; `layout` says which). Parameters are then
     'stacks/{n}/unit/{j}/...' [reps, ...] and, for blocks outside a stack,
@@ -272,6 +339,8 @@ class VisionTransformer(nnx.Module):
                param_dtype=jnp.float32, head_zero_init: bool = True,
                head_bias_init: float = 0.0,
                scan_layers: bool = False, remat: str = 'none',
+               attention: str = 'mha', attention_options: Any = None,
+               block: str = 'standard', block_options: Any = None,
                rngs: nnx.Rngs):
     variant_size, patch = parse_variant(variant)
     size = size or variant_size
@@ -307,8 +376,16 @@ class VisionTransformer(nnx.Module):
     # Stochastic depth rate grows linearly with depth (Huang et al. 2016).
     self.drop_path_rates = tuple(stochastic_depth * i / max(size.depth - 1, 1)
                                  for i in range(size.depth))
+    kind_blocks = validate_kinds(
+        size=size, pool=pool, attention=attention,
+        attention_options=attention_options, block=block,
+        block_options=block_options, moe=moe)
     factory = functools.partial(
         encoder_block, size=size, moe=moe, moe_blocks=moe_blocks,
+        block=block, kind_blocks=kind_blocks,
+        block_options=blocks_lib.BLOCKS.options(
+            block_options, num_prefix_tokens=1 if pool == 'tok' else 0),
+        attention=attention, attention_options=attention_options,
         dropout_rate=dropout_rate, gelu=gelu, dtype=dtype,
         param_dtype=param_dtype)
     # Each block initialises from its own key, so both layouts hold the same
@@ -489,7 +566,11 @@ def create_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
       scan_layers=bool(model_cfg.get('scan_layers', False)),
       remat=model_cfg.get('remat', 'none'),
       head_zero_init=model_cfg.get('head_zero_init', True),
-      head_bias_init=float(model_cfg.get('head_bias_init', 0.0)), rngs=rngs)
+      head_bias_init=float(model_cfg.get('head_bias_init', 0.0)),
+      attention=model_cfg.get('attention', 'mha'),
+      attention_options=model_cfg.get('attention_options'),
+      block=model_cfg.get('block', 'standard'),
+      block_options=model_cfg.get('block_options'), rngs=rngs)
 
 
 def unscanned_config(model_cfg: ml_collections.ConfigDict

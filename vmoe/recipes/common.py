@@ -118,6 +118,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.num_heads = None
   config.model.representation_size = None  # pre-logits Dense + tanh
   config.model.moe = None  # a ConfigDict from moe_config() below
+  # Attention kind of every block and block kind (vmoe.nn.attention,
+  # vmoe.nn.blocks), each with the options of all kinds (docs/layers.md).
+  config.model.attention = 'mha'  # | 'moh' | 'gated'
+  config.model.attention_options = kind_options('attention')
+  config.model.block = 'standard'  # | 'mod' | 'mone'
+  config.model.block_options = kind_options('blocks')
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'  # | 'adam' | 'sgd'
@@ -221,6 +227,16 @@ def imagenet_recipe(config: ml_collections.ConfigDict,
   config.schedule.name = 'cosine'
   config.schedule.warmup_steps = 10_000
   config.model.dtype = 'bfloat16'
+  return config
+
+
+def kind_options(package: str, **overrides) -> ml_collections.ConfigDict:
+  """The options of every kind of `vmoe.nn.<package>` ('attention' or
+  'blocks') at their defaults, with `overrides`."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'vmoe.nn.{package}')
+  config = ml_collections.ConfigDict(module.default_options())
+  config.update(overrides)
   return config
 
 

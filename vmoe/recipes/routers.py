@@ -3,10 +3,17 @@
 Naming: `<router>_<budget>[_<variant>]_<data>.py` with router `tc` (softmax
 token choice), `ec` (softmax expert choice), `soft` (Soft MoE),
 `sinkhorn_tc`, `sinkhorn_ec`, `sparse_ec` (sparsity-constrained expert
-choice); budget `k1` / `k2` (experts per token) or `cf1` / `cf2` (expert
-choice capacity factor: slots per token); variants `bpr` (Batch Priority
-Routing), `shared1` (one shared expert), `fine2` (granularity 2); data
-`digits`, `s16`, `b16` (ImageNet-1k). `dense_digits.py` is the baseline.
+choice), `mh_tc` (Multi-Head MoE over token choice); budget `k1` / `k2`
+(experts per token) or `cf1` / `cf2` (expert choice capacity factor: slots
+per token); variants `bpr` (Batch Priority Routing), `shared1` (one shared
+expert), `fine2` (granularity 2), `entropy` (LIMoE's entropy losses instead
+of the importance and load losses), `noaux` (no auxiliary loss), `eom` /
+`fom` (expert / final output masking); data `digits`, `s16`, `b16`
+(ImageNet-1k). `dense_digits.py` is the baseline. Units beyond the MLP
+routers, with dense MLPs: `dense_h4` / `moh_h4_k2` / `gated_h4` (4 heads:
+standard, mixture-of-head with 1 shared + top-2 routed heads, sigmoid-gated
+heads), `mod_c50` (mixture-of-depths, 50% capacity), `mone_e4_b50` (4
+nested experts, budget 0.5).
 
 Digits (`digits`): the `common.digits_recipe` ViT-mu/2 (800 steps of 128
 images), blocks 1 and 3 MoE layers with 8 experts, routing groups of 4 images
@@ -39,6 +46,21 @@ def digits(**moe):
     config.model.moe = common.moe_config(
         layers='every:2', num_experts=DIGITS_EXPERTS, group_size=DIGITS_GROUP,
         **moe)
+  return config
+
+
+def digits_kinds(*, num_heads: int | None = None, attention: str = 'mha',
+                 block: str = 'standard', attention_options=None,
+                 block_options=None, **moe):
+  """`digits(**moe)` with another attention / block kind (options as dicts
+  of `model.attention_options` / `model.block_options` overrides) and
+  `num_heads` heads (None: the variant's 2)."""
+  config = digits(**moe)
+  config.model.num_heads = num_heads
+  config.model.attention = attention
+  config.model.attention_options.update(attention_options or {})
+  config.model.block = block
+  config.model.block_options.update(block_options or {})
   return config
 
 

@@ -145,7 +145,8 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
       blocks = vit.moe_block_indices(moe.get('layers'), vit_size.depth)
       moe_lib.validate_moe_config(moe, prefix='config.model.moe',
                                   mlp_dim=vit_size.mlp_dim,
-                                  other_router_options=False)
+                                  other_router_options=False,
+                                  dim=vit_size.width)
     except ConfigError:
       raise
     except ValueError as e:
@@ -157,6 +158,19 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
                                       and 0 <= expert_dropout < 1),
            'model.moe.dropout', expert_dropout,
            'must be None (model.dropout) or in [0, 1)')
+  # Attention and block kinds (vmoe.nn.attention, vmoe.nn.blocks).
+  for name in ('attention_options', 'block_options'):
+    value = config.model.get(name)
+    _check(value is None or isinstance(value, (ml_collections.ConfigDict,
+                                               dict)), f'model.{name}', value,
+           'must be None (defaults) or a ConfigDict of options')
+  vit.validate_kinds(
+      size=vit_size, pool=config.model.get('pool', 'tok'),
+      attention=config.model.get('attention', 'mha'),
+      attention_options=config.model.get('attention_options'),
+      block=config.model.get('block', 'standard'),
+      block_options=config.model.get('block_options'), moe=moe,
+      prefix='config.model')
 
   # Optimizer and schedule.
   opt = config.optimizer
@@ -194,6 +208,13 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
          'schedule.warmup_fraction', fraction, 'must be in [0, 1]')
   _check(is_number(sched.end_lr_fraction) and 0 <= sched.end_lr_fraction <= 1,
          'schedule.end_lr_fraction', sched.end_lr_fraction, 'must be in [0, 1]')
+
+  # Data fields the pipeline reads as they are (its own checks are of the
+  # preprocessing and the data itself).
+  shuffle = config.dataset.get('shuffle_buffer', None)
+  _check(shuffle is None or (is_int(shuffle) and shuffle >= 1),
+         'dataset.shuffle_buffer', shuffle,
+         'must be an integer >= 1 (examples shuffled at a time; 1: none)')
 
   # Preprocessing.
   try:

@@ -3,20 +3,28 @@
 Order of work, every error before anything is written where it can be known:
 
   1. validate the config; check the data (splits, features, files);
-  2. chief process: create and lock the workdir, remove the temporary
-     directories of killed saves, compare the config with the stored
-     config.json (only `workdir.RESUME_CHANGEABLE` fields may differ);
+  2. chief process: create and lock the workdir (object stores cannot be
+     locked: a warning says so), remove the temporary directories of killed
+     saves, compare the config with the one the newest checkpoint records
+     (config.json for older checkpoints; only `workdir.RESUME_CHANGEABLE`
+     fields may differ);
   3. build the model and optimizer (abstract shapes), check the free space;
-  4. restore the newest checkpoint that restores: a corrupt one (unreadable
-     metadata or data) is renamed `<step>.corrupt` and the previous one is
-     tried, each with one line on stderr; a checkpoint of another model or
+     then the lock file names this run;
+  4. restore the newest checkpoint that restores and whose content digests
+     match: a corrupt one (unreadable metadata or data, other values than
+     were saved) is renamed `<step>.corrupt` and the previous one is tried,
+     each with one line on stderr; a checkpoint of another model or
      optimizer is an error. No checkpoint: initialise;
-  5. a run already at or past num_train_steps returns at once (`already`);
-  6. train with periodic logging, checkpoints and evaluation (in that order:
-     an evaluation error never costs the step's checkpoint); config.json is
-     written with the first checkpoint of the run. SIGTERM/SIGINT save a
-     checkpoint and stop; a data error saves the current step and stops; a
-     non-finite loss, gradient or state stops without saving it.
+  5. the evaluations recorded as due at the restored step and missing from
+     metrics.jsonl run first (an evaluation killed last time);
+  6. a run already at or past num_train_steps returns (`already_trained`);
+  7. train with periodic logging, checkpoints and evaluation (in that order:
+     an evaluation error never costs the step's checkpoint, which records
+     the evaluations due at its step and the config). Before each save the
+     run checks that it still holds the workdir's lock. SIGTERM/SIGINT save
+     a checkpoint and stop (SIGINT twice: exit at once, status 130); a data
+     error saves the current step and stops; a non-finite loss, gradient or
+     state stops without saving it.
 
 A run killed at any point and started again with the same command continues
 from the latest checkpoint and ends with bit-identical parameters (same data
@@ -31,6 +39,8 @@ in every shipped config) that only happens after a preemption or a kill.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import sys
@@ -222,10 +232,21 @@ def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
           for k in host[0]}
 
 
+def exit_at_once() -> None:
+  """Ctrl-C twice: exit with status 130 now, with one line and without the
+  tracebacks a KeyboardInterrupt prints from orbax's, jax's and the
+  interpreter's shutdown (an unfinished save is a temporary directory that
+  the next run removes; the lock goes with the process)."""
+  print('\nstopped: interrupted twice; exited without waiting (the last '
+        'complete checkpoint is kept: run the same command to resume)',
+        file=sys.stderr, flush=True)
+  os._exit(130)  # pylint: disable=protected-access
+
+
 class _SignalFlag:
   """Records SIGTERM/SIGINT so the run can checkpoint and stop cleanly.
 
-  A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
+  A second SIGINT (Ctrl-C twice) exits at once (`exit_at_once`).
   """
 
   def __init__(self):
@@ -243,7 +264,7 @@ class _SignalFlag:
   def _handle(self, signum, frame):
     del frame
     if signum == signal.SIGINT and self.signum is not None:
-      raise KeyboardInterrupt
+      exit_at_once()
     self.signum = signum
 
   def stop_if_signalled(self) -> None:
@@ -282,10 +303,20 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _broadcast_flags(flags: list[bool]) -> list[bool]:
+  """Process 0's booleans on every process."""
+  if jax.process_count() == 1:
+    return flags
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return [bool(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(
+      np.asarray(flags, np.int32)))]
+
+
 def _prepare_workdir(config, workdir: str, lock: workdir_lib.Lock,
-                     ckpt_dir: str) -> None:
-  """Chief only: create + lock the workdir, clean up, check the config."""
-  workdir_lib.prepare(workdir)
+                     ckpt_dir: str) -> bool:
+  """Chief only: create + lock the workdir, clean up, check the config;
+  returns whether the workdir was created."""
+  created = workdir_lib.prepare(workdir)
   lock.acquire()
   try:
     for path in checkpoint_lib.remove_stale_tmp(ckpt_dir):
@@ -293,9 +324,18 @@ def _prepare_workdir(config, workdir: str, lock: workdir_lib.Lock,
   except OSError as e:
     raise WorkdirError(f'cannot remove a stale checkpoint directory in '
                        f'{ckpt_dir}: {e}') from None
-  if os.path.isdir(ckpt_dir) and any(
-      name.isdigit() for name in os.listdir(ckpt_dir)):
-    workdir_lib.check_resume_config(config, workdir)
+  if checkpoint_lib.has_checkpoints(ckpt_dir):
+    # The config the checkpoints record: deleting config.json unlocks
+    # nothing. (Older checkpoints record none: config.json then.)
+    recorded = checkpoint_lib.stored_config(ckpt_dir)
+    if recorded is None:
+      workdir_lib.check_resume_config(config, workdir)
+    else:
+      step, stored = recorded
+      workdir_lib.check_resume_config(
+          config, workdir, stored,
+          source=f'the config recorded by checkpoint {step}')
+  return created
 
 
 def _state_problem(exp: Experiment, state, step: int) -> str | None:
@@ -311,51 +351,55 @@ def _state_problem(exp: Experiment, state, step: int) -> str | None:
 
 def _restore_step(ckpt: checkpoint_lib.Checkpointer, step: int,
                   exp: Experiment):
-  """Checkpoint `step` as the run's state, also when it was saved in the
-  other layout (`model.scan_layers` changed on resume): then restored in
-  that layout and converted on the devices."""
+  """(state, info): checkpoint `step` as the run's state, its digests
+  verified, also when it was saved in the other layout (`model.scan_layers`
+  changed on resume): then restored and verified in that layout and
+  converted on the devices."""
   try:
-    ckpt.check_structure(step, exp.abstract_state)
+    info = ckpt.check_structure(step, exp.abstract_state)
   except IncompatibleCheckpointError as error:
     other = exp.abstract_state_in_layout(
         not exp.config.model.get('scan_layers', False))
     try:
-      ckpt.check_structure(step, other)
+      info = ckpt.check_structure(step, other)
     except IncompatibleCheckpointError:
       raise error from None
-    return layout.convert_state(ckpt.restore(step, other), exp.abstract_state)
-  return ckpt.restore(step, exp.abstract_state)
+    return layout.convert_state(ckpt.restore(step, other, info),
+                                exp.abstract_state), info
+  return ckpt.restore(step, exp.abstract_state, info), info
 
 
 def _restore_newest(ckpt: checkpoint_lib.Checkpointer, exp: Experiment,
                     is_chief: bool):
-  """(state, step) of the newest checkpoint that restores; (None, None) if
-  there is none. Newer ones that did not restore are set aside (one line on
-  stderr each) only once an older one has restored: when none restores the
-  cause may be this run's (memory, permissions, a mount), so nothing moves."""
-  failed = []  # (step, reason), newest first
-  for step in reversed(ckpt.all_steps()):
-    state, reason = None, None
-    try:
-      state = _restore_step(ckpt, step, exp)
-      reason = _state_problem(exp, state, step)
-    except checkpoint_lib.CorruptCheckpointError as e:
-      reason = e.reason
-    if _all_processes(reason is None):
-      if failed:
-        try:
-          if is_chief:
-            for bad, why in failed:
-              moved = ckpt.set_aside(bad)
-              print(f'warning: skipped checkpoint {bad} in {ckpt.directory} '
-                    f'({why or "unreadable on another process"}); moved it '
-                    f'to {moved}', file=sys.stderr, flush=True)
-        finally:
-          _barrier('vmoe_checkpoints_set_aside')
-          ckpt.reload()
-      return state, step
-    del state
-    failed.append((step, reason))
+  """(state, step, info) of the newest checkpoint that restores and
+  verifies; (None, None, None) if there is none. Newer ones that did not
+  restore are set aside (one line on stderr each) only once an older one has
+  restored: when none restores the cause may be this run's (memory,
+  permissions, a mount), so nothing moves."""
+
+  def attempt(step: int):
+    state, info = _restore_step(ckpt, step, exp)
+    problem = _state_problem(exp, state, step)
+    if problem is not None:
+      raise checkpoint_lib.CorruptCheckpointError(step, problem)
+    return state, info
+
+  step, restored, failed = checkpoint_lib.newest_first(
+      ckpt.all_steps, attempt, agree=_all_processes)
+  if step is not None:
+    if failed:
+      try:
+        if is_chief:
+          for bad, why in failed:
+            moved = ckpt.set_aside(bad)
+            print(f'warning: skipped checkpoint {bad} in {ckpt.directory} '
+                  f'({why or "unreadable on another process"}); moved it '
+                  f'to {moved}', file=sys.stderr, flush=True)
+      finally:
+        _barrier('vmoe_checkpoints_set_aside')
+        ckpt.reload()
+    state, info = restored
+    return state, step, info
   if failed:
     step, why = failed[0]
     raise NoUsableCheckpointError(
@@ -364,7 +408,46 @@ def _restore_newest(ckpt: checkpoint_lib.Checkpointer, exp: Experiment,
         f'{why or "unreadable on another process"}); nothing was moved: fix '
         f'the cause, or move them aside (e.g. to <step>'
         f'{checkpoint_lib.CORRUPT_SUFFIX}) to start from step 0')
-  return None, None
+  return None, None, None
+
+
+def _due_evaluations(config, step: int, last: bool, fewshot_eval
+                     ) -> tuple[str, ...]:
+  """The evaluations a run does at `step` (`last`: its final step)."""
+  due = []
+  if step % config.eval_every_steps == 0 or last:
+    due.append('eval')
+  if fewshot_eval is not None and fewshot_eval.due(step, last):
+    due.append('fewshot')
+  return tuple(due)
+
+
+def _pending_evaluations(config, workdir: str, step: int,
+                         info: checkpoint_lib.StepInfo, fewshot_eval
+                         ) -> list[str]:
+  """The evaluations due at the restored `step` that metrics.jsonl lacks
+  (the run was killed during them), the same on every process."""
+  if info.arrays is None:  # a checkpoint from before steps recorded them
+    due = _due_evaluations(config, step, step >= config.num_train_steps,
+                           fewshot_eval)
+  else:
+    due = info.evaluations
+  wanted = [name for name in checkpoint_lib.EVALUATIONS
+            if name in due and (name != 'fewshot' or fewshot_eval is not None)]
+  missing = [metrics_writer.last_record(workdir, name, step=step) is None
+             for name in checkpoint_lib.EVALUATIONS]
+  missing = _broadcast_flags(missing)
+  return [name for name, m in zip(checkpoint_lib.EVALUATIONS, missing)
+          if m and name in wanted]
+
+
+def _warn_nonfinite(step: int, metrics: dict[str, Any]) -> None:
+  for name in ('loss', 'accuracy'):
+    value = metrics.get(name)
+    if value is not None and not math.isfinite(value):
+      print(f'warning: step {step}: eval {name} is {value} (logged as '
+            'it is): the model gives a true class probability 0 or '
+            'computes NaN', file=sys.stderr, flush=True)
 
 
 def _already_trained(workdir: str, step: int) -> dict[str, Any]:
@@ -395,13 +478,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Returns the final eval metrics plus 'step' and 'train_seconds'; for a run
   already trained to num_train_steps (or beyond) 'already_trained': True and
-  the eval metrics logged at its last step, without training.
+  the eval metrics logged at its last step (evaluated first if a kill lost
+  that evaluation), without training.
   """
   with _SignalFlag() as flag:
-    if not workdir_lib.is_remote(workdir):
-      workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = checkpoint_lib.normal_directory(workdir)
     validate_config(config, resuming=checkpoint_lib.has_checkpoints(
-        os.path.join(workdir, 'checkpoints')))
+        checkpoint_dir(workdir)))
     pipeline.check_data(config, process_count=jax.process_count())
     fewshot.check_data(config)
     lock = workdir_lib.Lock(workdir)
@@ -411,35 +494,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       lock.release()
 
 
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
 def _run(config, workdir: str, lock: workdir_lib.Lock,
          flag: _SignalFlag) -> dict[str, Any]:
   is_chief = jax.process_index() == 0
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt_dir = checkpoint_dir(workdir)
   error = None
+  created = False
   if is_chief:
     try:
-      _prepare_workdir(config, workdir, lock, ckpt_dir)
+      created = _prepare_workdir(config, workdir, lock, ckpt_dir)
     except WorkdirError as e:
       error = e
     except OSError as e:  # the other processes must not wait for process 0
       error = WorkdirError(f'--workdir={workdir}: {e}')
   _agree(error, f'prepare --workdir={workdir}')
-  flag.stop_if_signalled()
-  exp = Experiment(config)
-  fewshot_eval = fewshot.evaluator_from_config(config, exp)  # None when off
-  error = None
-  if is_chief:
-    try:
-      workdir_lib.check_free_space(workdir, exp.checkpoint_bytes)
-    except WorkdirError as e:
-      error = e
-    except OSError as e:
-      error = WorkdirError(f'--workdir={workdir}: {e}')
-  _agree(error, f'find free space in --workdir={workdir}')
+  try:
+    flag.stop_if_signalled()
+    exp = Experiment(config)
+    fewshot_eval = fewshot.evaluator_from_config(config, exp)  # None when off
+    error = None
+    if is_chief:
+      try:
+        workdir_lib.check_free_space(workdir, exp.checkpoint_bytes)
+        lock.announce()
+      except WorkdirError as e:
+        error = e
+      except OSError as e:
+        error = WorkdirError(f'--workdir={workdir}: {e}')
+    _agree(error, f'find free space in --workdir={workdir}')
+  except BaseException:
+    if created:  # a run that failed its checks leaves nothing behind
+      workdir_lib.remove_if_empty(workdir)
+    raise
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=config.max_to_keep)
+  config_record = json.loads(workdir_lib.config_json(config))
   writer = bar = None
   try:
-    state, latest = _restore_newest(ckpt, exp, is_chief)
+    state, latest, info = _restore_newest(ckpt, exp, is_chief)
     flag.stop_if_signalled()
     if state is None:
       state = exp.init_state()
@@ -448,18 +543,31 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
                                          state_sharding=exp.state_sharding)
     start_step = int(jax.device_get(state['step']))
     num_steps = config.num_train_steps
+    eval_metrics: dict[str, Any] = {}
+    pending = (_pending_evaluations(config, workdir, start_step, info,
+                                    fewshot_eval) if latest else [])
+    if pending or start_step < num_steps:
+      writer = metrics_writer.MetricWriter(workdir, enabled=is_chief,
+                                           resume_step=start_step)
+    # Evaluations of the restored step that a kill interrupted.
+    for name in pending:
+      if name == 'eval':
+        eval_metrics = exp.evaluate(state['params'])
+        _warn_nonfinite(start_step, eval_metrics)
+        writer.write(start_step, 'eval', eval_metrics)
+      else:
+        writer.write(start_step, 'fewshot', fewshot_eval(state['params']))
     if start_step >= num_steps:
+      _close(writer)
+      writer = None
       return _already_trained(workdir, start_step)
     logging.info('%s at step %d', 'Resuming' if latest else 'Starting',
                  start_step)
-    writer = metrics_writer.MetricWriter(workdir, enabled=is_chief,
-                                         resume_step=start_step)
     train_iter: Iterator = pipeline.train_iterator(
         config, start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
     last_saved, last_checked = latest, start_step
     config_written = False
-    eval_metrics: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     compile_seconds = 0.0
@@ -500,12 +608,23 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
     def save(step: int) -> None:
       nonlocal last_saved, config_written
       check_finite(step)
-      # config.json describes the checkpoints: written with the first one of
-      # this run, so that a run that fails before it leaves the old one.
+      lock_error = None
+      if is_chief:
+        try:
+          lock.check(f'saving step {step}')
+        except WorkdirError as e:
+          lock_error = e
+      _agree(lock_error, f'keep the lock of --workdir={workdir}')
+      # config.json, a readable copy of the config each checkpoint records,
+      # is written with the first one of this run, so that a run that fails
+      # before it leaves the old one.
       if is_chief and not config_written:
         workdir_lib.write_config(config, workdir)
         config_written = True
-      ckpt.save(step, state)
+      writer.flush()  # the records up to the checkpoint (object stores)
+      ckpt.save(step, state, config=config_record,
+                evaluations=_due_evaluations(config, step, step == num_steps,
+                                             fewshot_eval))
       last_saved = step
 
     step = start_step
@@ -544,7 +663,9 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
               + (f", MFU {100 * perf['perf/mfu']:.1f}%"
                  if 'perf/mfu' in perf else ''))
         # Saved before evaluating, so that an evaluation error never costs
-        # the step's checkpoint. Their time is not training time.
+        # the step's checkpoint; the checkpoint records the evaluations due
+        # at its step, so that a resume runs those a kill interrupted. Their
+        # time is not training time.
         t_other = None
         if step % config.checkpoint_every_steps == 0 or last:
           t_other = _wait(state)
@@ -552,6 +673,7 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
         if step % config.eval_every_steps == 0 or last:
           t_other = t_other or _wait(state)
           eval_metrics = exp.evaluate(state['params'])
+          _warn_nonfinite(step, eval_metrics)
           writer.write(step, 'eval', eval_metrics)
           bar.write(f'step {step}: eval accuracy {eval_metrics["accuracy"]:.4f}'
                     f' loss {eval_metrics["loss"]:.4f}'
@@ -641,11 +763,8 @@ def _warmup_note(config) -> str | None:
 
 def final_params(workdir: str) -> dict[str, Any] | None:
   """Parameters of the latest checkpoint in `workdir`, as numpy (for tests)."""
-  path = os.path.join(workdir, 'checkpoints')
-  ckpt = checkpoint_lib.Checkpointer(path, max_to_keep=1000, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
+  directory = checkpoint_dir(workdir)
+  if not checkpoint_lib.has_checkpoints(directory):
     return None
-  restored = ckpt.restore_as_saved(step)
-  ckpt.close()
-  return jax.tree.map(np.asarray, restored['params'])
+  restored = checkpoint_lib.read(directory)
+  return jax.tree.map(np.asarray, restored.state['params'])

@@ -23,6 +23,7 @@ dim, k choices per token, p Soft MoE slots per expert.
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vmoe.config import Need, is_number
+from vmoe.config import Need, is_int, is_number
 from vmoe.nn import routing as rt
 from vmoe.nn.layers import AUX_LOSS_KEY, DType, param
 
@@ -54,6 +55,8 @@ class Router(nnx.Module):
   OPTIONS: ClassVar[dict[str, Any]] = {}
   LOSSES: ClassVar[tuple[str, ...]] = ('z_loss',)
   DECISION: ClassVar[type] = rt.TokenChoiceRouting
+  # Whether `force` can force experts on / off (`vmoe.nn.moe.set_forcing`).
+  SUPPORTS_FORCING: ClassVar[bool] = False
 
   @classmethod
   def validate(cls, c: types.SimpleNamespace, need: Need) -> None:
@@ -102,6 +105,13 @@ class Router(nnx.Module):
     """The `METRIC_KEYS` of decision r."""
     raise NotImplementedError
 
+  def force(self, logits: Any, forcing: jax.Array) -> Any:
+    """`logits` with experts forced on / off: forcing [g, s, e] of
+    `vmoe.nn.routing.FORCE_OFF` / `FORCE_FREE` / `FORCE_ON` (routers with
+    SUPPORTS_FORCING)."""
+    raise NotImplementedError(
+        f'router {type(self).__name__} does not support expert forcing')
+
   # -- helpers for subclasses ------------------------------------------------
 
   def _capacity(self, s: int, capacity_factor: float, num_selected: int
@@ -146,14 +156,33 @@ class GateRouter(Router):
 
   `logits` returns {'logits': clean [g, s, e], 'noisy': [g, s, e]} (the same
   array without noise).
+
+  Every gate router can add LIMoE's entropy losses (Mustafa et al. 2022,
+  https://arxiv.org/abs/2206.02770, Sec. 3.1) on the softmax of its clean
+  logits: `local_entropy_loss_weight` (mean per-token entropy, minimised)
+  and `global_entropy_loss_weight` (minus the entropy of the group's mean
+  distribution, or LIMoE's thresholded max(0, tau - H) with
+  `global_entropy_threshold` tau). They are reported as
+  'local_entropy_loss' / 'global_entropy_loss' when their weight is > 0.
   """
-  OPTIONS: ClassVar[dict[str, Any]] = dict(noise_std=None)
+  OPTIONS: ClassVar[dict[str, Any]] = dict(
+      noise_std=None, local_entropy_loss_weight=0.0,
+      global_entropy_loss_weight=0.0, global_entropy_threshold=None)
 
   @classmethod
   def validate(cls, c, need):
     need(c.noise_std is None or (is_number(c.noise_std) and c.noise_std >= 0),
          'noise_std', "must be None (the router's default: 1/num_experts, "
          'none for sparsity-constrained expert choice) or a number >= 0')
+    for w in ('local_entropy_loss_weight', 'global_entropy_loss_weight'):
+      need(is_number(getattr(c, w)) and getattr(c, w) >= 0, w,
+           'must be a number >= 0')
+    top = math.log(c.num_experts) if is_int(c.num_experts) else math.inf
+    need(c.global_entropy_threshold is None
+         or (is_number(c.global_entropy_threshold)
+             and 0 < c.global_entropy_threshold <= top),
+         'global_entropy_threshold',
+         f'must be None or a number in (0, log(num_experts)={top:.4g}] nats')
 
   def __init__(self, dim, c, *, param_dtype=jnp.float32, rngs):
     super().__init__(dim, c, param_dtype=param_dtype, rngs=rngs)
@@ -162,6 +191,11 @@ class GateRouter(Router):
                         param_dtype)
     self.noise_std = float(1.0 / c.num_experts if c.noise_std is None
                            else c.noise_std)
+    self.entropy_weights = (float(c.local_entropy_loss_weight),
+                            float(c.global_entropy_loss_weight))
+    self.global_entropy_threshold = (
+        None if c.global_entropy_threshold is None
+        else float(c.global_entropy_threshold))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[g, s, d] -> [g, s, e] float32 logits (no noise)."""
@@ -181,6 +215,10 @@ class GateRouter(Router):
                          "rngs with a 'gating' stream")
       noisy = rt.add_gating_noise(logits, std, rngs.gating())
     return {'logits': logits, 'noisy': noisy}
+
+  def force(self, logits, forcing):
+    return {name: rt.force_logits(value, forcing)
+            for name, value in logits.items()}
 
   def gate_metrics(self, r: rt.Routing, logits: dict[str, jax.Array], *,
                    train: bool, num_selected: int = 1,
@@ -207,5 +245,21 @@ class GateRouter(Router):
         balance_loss=rt.balance_loss(
             gates_noisy, None if ranked is None else ranked[..., 0]),
         z_loss=rt.z_loss(clean))
-    return self.routing_metrics(r, losses, gates_noisy)
+    metrics = self.routing_metrics(r, losses, gates_noisy)
+    return self.add_entropy_losses(metrics, clean)
+
+  def add_entropy_losses(self, metrics: dict[str, jax.Array],
+                         clean: jax.Array) -> dict[str, jax.Array]:
+    """`metrics` with LIMoE's entropy losses of the clean logits [g, s, e]
+    added (reported and weighted into the auxiliary loss) where their
+    weights are > 0."""
+    local_w, global_w = self.entropy_weights
+    if local_w > 0:
+      metrics['local_entropy_loss'] = rt.local_entropy_loss(clean)
+      metrics[AUX_LOSS_KEY] += local_w * metrics['local_entropy_loss']
+    if global_w > 0:
+      metrics['global_entropy_loss'] = rt.global_entropy_loss(
+          clean, self.global_entropy_threshold)
+      metrics[AUX_LOSS_KEY] += global_w * metrics['global_entropy_loss']
+    return metrics
 

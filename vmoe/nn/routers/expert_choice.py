@@ -22,6 +22,7 @@ class ExpertChoiceRouter(base.GateRouter):
   construction); the other losses are reported.
   """
   DECISION = rt.ExpertChoiceRouting
+  SUPPORTS_FORCING = True  # softmax gates: see rt.force_logits
 
   @classmethod
   def fine_grained(cls, c, m):

@@ -31,6 +31,8 @@ class SinkhornExpertChoiceRouter(expert_choice.ExpertChoiceRouter):
   OPTIONS = dict(expert_choice.ExpertChoiceRouter.OPTIONS,
                  **stc.SINKHORN_OPTIONS)
   DECISION = rt.ExpertChoiceRouting
+  # Forced logits would break the transport plan (a column of zeros).
+  SUPPORTS_FORCING = False
 
   @classmethod
   def validate(cls, c, need):

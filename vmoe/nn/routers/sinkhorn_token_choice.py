@@ -98,6 +98,8 @@ class SinkhornTokenChoiceRouter(token_choice.TokenChoiceRouter):
   OPTIONS = dict(token_choice.TokenChoiceRouter.OPTIONS, **SINKHORN_OPTIONS)
   LOSSES = ('importance_loss', 'load_loss', 'z_loss')
   DECISION = rt.TokenChoiceRouting
+  # Forced logits would break the transport plan (a column of zeros).
+  SUPPORTS_FORCING = False
 
   @classmethod
   def validate(cls, c, need):

@@ -54,6 +54,8 @@ class SparsityConstrainedExpertChoiceRouter(expert_choice.ExpertChoiceRouter):
                  ot_combine_weights='softmax', sparse_ot_steps=20,
                  sparse_ot_learning_rate=1e-2)
   DECISION = rt.ExpertChoiceRouting
+  # Forced logits would break the transport plan (a column of zeros).
+  SUPPORTS_FORCING = False
 
   @classmethod
   def validate(cls, c, need):

@@ -29,6 +29,7 @@ class TokenChoiceRouter(base.GateRouter):
                  renormalize_gates=False)
   LOSSES = base.LOSS_KEYS
   DECISION = rt.TokenChoiceRouting
+  SUPPORTS_FORCING = True  # softmax gates: see rt.force_logits
 
   @classmethod
   def validate(cls, c, need):

@@ -1,0 +1,5 @@
+"""The registry of attention kinds (`model.attention`)."""
+
+from vmoe.nn import kinds
+
+ATTENTION = kinds.Registry('attention kind')
