@@ -11,7 +11,6 @@ from flax import nnx
 
 from tests.helpers import tiny_digits_config
 from vmoe import analysis
-from vmoe.analysis import claims
 from vmoe.analysis.trace import LayerTrace, Trace
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import routing as rt
@@ -162,29 +161,6 @@ def test_routing_change_and_maps_hand():
                                                [1, 1]))
   # Image 1: class token, then a 1x2 grid of patches (-1 = dropped).
   np.testing.assert_array_equal(analysis.expert_maps(a, 1), [[[-1, 0]]])
-
-
-def test_claims():
-  assert claims.greater([1, 2, 3], [0, 0, 0]).status == claims.REPRODUCED
-  # t = 2 / (1 / sqrt(3)) = 3.46 with 2 degrees of freedom: p = 0.037.
-  assert 'p=0.037' in claims.greater([1, 2, 3], [0, 0, 0]).detail
-  v = claims.greater([0.5, 0.6, 0.4], [0.45, 0.62, 0.41])
-  assert v.status == claims.NOT_REPRODUCED and 'within noise' in v.detail
-  v = claims.greater([0.1, 0.2], [0.3, 0.5])
-  assert v.status == claims.NOT_REPRODUCED and 'reversed' in v.detail
-  assert claims.greater([0.9], [0.1]).status == claims.NOT_TESTABLE
-  assert claims.greater([1.0, 1.0], [1.0, 1.0],
-                        ceiling=1.0).status == claims.NOT_TESTABLE
-  values = {'soft': [3, 3.1, 3.2], 'ec': [2, 2.1, 2.05], 'tc': [1, 1.2, 1]}
-  assert claims.ordering(values, ['soft', 'ec', 'tc']).status == (
-      claims.REPRODUCED)
-  assert claims.ordering(values, ['ec', 'soft', 'tc']).status == (
-      claims.NOT_REPRODUCED)
-  assert claims.ordering(values, ['soft', 'x']).status == claims.NOT_TESTABLE
-  assert claims.increasing([4, 16, 8], [0.1, 0.3, 0.2]).status == (
-      claims.REPRODUCED)
-  assert claims.increasing([4, 8, 16], [0.1, 0.3, 0.2]).status == (
-      claims.NOT_REPRODUCED)
 
 
 # -- a tiny trained token-choice model -----------------------------------------

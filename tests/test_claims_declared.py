@@ -26,16 +26,21 @@ def test_greater_not_worse_and_against_a_value():
       [0.70, 0.61, 0.52], [0.81, 0.72, 0.63])).status == claims.NOT_REPRODUCED
   value = claims.Claim(name='v', claim='', source='', metric='m', a='x',
                        b=None, rule='greater_than_value', value=0.0)
-  assert claims.decide(value, {('x', 'm'): {(0, 1): 0.2, (0, 2): 0.1,
-                                            (1, 1): 0.3}}).status == (
-      claims.REPRODUCED)
+  # Values per (seed, block): the seeds are the replicates (n=3, not 5).
+  verdict = claims.decide(value, {('x', 'm'): {
+      (0, 1): 0.2, (0, 2): 0.1, (1, 1): 0.3, (1, 2): 0.25, (2, 1): 0.2}})
+  assert verdict.status == claims.REPRODUCED and verdict.n == 3
+  # Two models are not enough for 0.15 and 0.3 (p = 0.10): inconclusive.
+  verdict = claims.decide(value, {('x', 'm'): {(0, 1): 0.2, (0, 2): 0.1,
+                                               (1, 1): 0.3}})
+  assert verdict.status == claims.INCONCLUSIVE and verdict.n == 2
 
 
 def test_floor_conditions_and_missing_runs():
   floor = claims.Claim(name='f', claim='', source='', metric='u', a='x',
                        b='y', floor=0.0)
   verdict = claims.decide(floor, _values([0, 0], [0, 0], metric='u'))
-  assert verdict.status == claims.NOT_TESTABLE and 'floor' in verdict.detail
+  assert verdict.status == claims.INCONCLUSIVE and 'floor' in verdict.detail
   cond = claims.Claim(name='c', claim='', source='', metric='accuracy',
                       a='x', b='y', rule='not_worse', margin=0.01,
                       condition=(('x', 'skipped', 0.4),))
@@ -45,7 +50,7 @@ def test_floor_conditions_and_missing_runs():
   assert verdict.status == claims.NOT_REPRODUCED
   assert 'skipped 0.3000 < the stated 0.4' in verdict.detail
   verdict = claims.decide(cond, _values([0.9], [0.9]))
-  assert verdict.status == claims.NOT_TESTABLE
+  assert verdict.status == claims.INCONCLUSIVE
   assert verdict.detail == 'not measured: x skipped'
 
 

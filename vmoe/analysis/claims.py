@@ -2,86 +2,160 @@
 advance (the router study applies them to whatever it measures; nothing here
 looks at the expected answer).
 
-Statuses:
-  'reproduced': the claimed direction holds and is significant: a one-sided
-    paired t-test over seeds (or other paired replicates) at level alpha
-    (0.05) when comparing noisy numbers, or the exact property for
-    deterministic ones;
-  'not reproduced': the direction is reversed, or the difference is within
-    the replicate noise (the detail says which);
-  'not testable at this scale': fewer than two replicates, or the numbers sit
-    at a ceiling where the claim cannot show.
+The replicate is an independently trained model: values are one number per
+model, paired between configs by seed; measurements repeated on one model
+(capacity factors, MoE blocks, classes, test images) are averaged per model
+first (`per_model`), never counted as replicates.
+
+Verdicts:
+  'reproduced': the claimed direction is significant: a one-sided paired
+    t-test over the models at level alpha (0.05), or the exact property
+    for deterministic measurements;
+  'not reproduced': the direction is significantly reversed, or the
+    one-sided upper confidence bound of the difference lies below the
+    claim's smallest effect of interest (an effect that size is excluded),
+    or an exact property fails;
+  'inconclusive: underpowered': neither; the detail gives the minimum
+    detectable effect at the study's number of models and test images
+    (`vmoe.analysis.stats`) and the models per config that would decide.
+Properties that hold by construction (Soft MoE drops no token; routing
+within an image's own group cannot depend on its batch-mates) are sanity
+checks, with their own labels, never counted as reproductions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy import stats
+from scipy import stats as scipy_stats
+
+from vmoe.analysis import stats
 
 REPRODUCED = 'reproduced'
 NOT_REPRODUCED = 'not reproduced'
-NOT_TESTABLE = 'not testable at this scale'
+INCONCLUSIVE = 'inconclusive: underpowered'
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+SANITY_HOLDS = 'sanity check: holds'
+SANITY_FAILS = 'sanity check: fails'
+POWER = 0.8
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   status: str
   detail: str
+  n: int = 0                     # trained models per side
+  mde: float = float('nan')      # minimum detectable effect at that n
+
+
+def sanity(holds: bool, detail: str) -> Verdict:
+  """A property true by construction, checked (not a reproduction)."""
+  return Verdict(SANITY_HOLDS if holds else SANITY_FAILS, detail)
+
+
+def per_model(values: Mapping[Any, float]) -> dict[Any, float]:
+  """{seed: mean} of {key: value} whose keys are a seed or a tuple starting
+  with the seed (seed, block, class, ...): one value per trained model."""
+  groups: dict[Any, list[float]] = {}
+  for key, value in values.items():
+    seed = key[0] if isinstance(key, tuple) and key else key
+    groups.setdefault(seed, []).append(float(value))
+  return {seed: float(np.mean(v)) for seed, v in groups.items()}
+
+
+def _underpowered(test: stats.PairedTest, mde: float, sd: float,
+                  smallest_effect: float, alpha: float, where: str) -> str:
+  target = smallest_effect if smallest_effect > 0 else abs(test.mean)
+  needed = stats.seeds_needed(target, sd, alpha=alpha, power=POWER)
+  scale = (f'{needed} models per config would detect {target:.4f}'
+           if needed else f'no feasible number of models detects {target:.4f}')
+  return (f'{test}; minimum detectable effect {mde:.4f} at n={test.n} '
+          f'models{where} (power {POWER:.0%}, alpha {alpha}); {scale}')
 
 
 def greater(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05,
+            smallest_effect: float = 0.0, test_images: int | None = None,
             ceiling: float | None = None,
             floor: float | None = None) -> Verdict:
-  """Is a > b? a[i], b[i] are paired (same seed / same setting). With
-  `ceiling` / `floor`: not testable when both means sit at or beyond it
-  (e.g. no unused expert on either side)."""
+  """Is a > b? a[i], b[i]: one value per trained model, paired by seed.
+
+  smallest_effect: the smallest difference the claim is about (declared
+    with the claim); an upper confidence bound below it refutes the claim.
+  test_images: for accuracies, the test-set size: the binomial noise of the
+    test images bounds the spread of the differences from below in the
+    minimum detectable effect (`stats.image_noise_floor`).
+  ceiling / floor: inconclusive when both means sit at or beyond it (e.g.
+    no unused expert on either side).
+  """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape:
+  if a.shape != b.shape or a.ndim != 1:
     raise ValueError(f'greater: unpaired values {a.shape} vs {b.shape}')
   n = a.size
-  diff = a - b
-  mean = float(diff.mean()) if n else float('nan')
+  where = f' and {test_images} test images' if test_images else ''
   if n < 2:
-    return Verdict(NOT_TESTABLE, f'{n} replicate(s); difference {mean:+.4f}')
+    mean = float((a - b).mean()) if n else float('nan')
+    return Verdict(INCONCLUSIVE, f'{n} trained model(s) per config: no '
+                   f'spread to test (difference {mean:+.4f})', n, math.inf)
   if ceiling is not None and a.mean() >= ceiling and b.mean() >= ceiling:
-    return Verdict(NOT_TESTABLE, f'both at the ceiling {ceiling}')
+    return Verdict(INCONCLUSIVE, f'both at the ceiling {ceiling}: the claim '
+                   'cannot show at this scale', n)
   if floor is not None and a.mean() <= floor and b.mean() <= floor:
-    return Verdict(NOT_TESTABLE, f'both at the floor {floor}')
-  sd = float(diff.std(ddof=1))
-  if sd == 0:
-    p = 0.0 if mean > 0 else 1.0
-  else:
-    p = float(stats.t.sf(mean / (sd / np.sqrt(n)), n - 1))
-  detail = f'difference {mean:+.4f} +- {sd / np.sqrt(n):.4f} (n={n}, p={p:.3f})'
-  if p < alpha:
-    return Verdict(REPRODUCED, detail)
-  why = 'reversed' if mean < 0 else 'within noise'
-  return Verdict(NOT_REPRODUCED, f'{why}: {detail}')
+    return Verdict(INCONCLUSIVE, f'both at the floor {floor}: the claim '
+                   'cannot show at this scale', n)
+  test = stats.paired_test(a, b)
+  sd = test.sd
+  if test_images:
+    level = float(np.mean(np.concatenate([a, b])))
+    sd = max(sd, stats.image_noise_floor(level, test_images))
+  mde = stats.minimum_detectable_effect(n, sd, alpha=alpha, power=POWER)
+  if test.p_greater < alpha:
+    return Verdict(REPRODUCED, str(test), n, mde)
+  if test.p_less < alpha:
+    return Verdict(NOT_REPRODUCED, f'reversed: {test}', n, mde)
+  upper = test.mean + float(scipy_stats.t.ppf(1 - alpha, n - 1)) * test.se
+  if smallest_effect > 0 and upper < smallest_effect:
+    return Verdict(NOT_REPRODUCED, f'{test}; an effect of {smallest_effect} '
+                   f'or more is excluded (upper {1 - alpha:.0%} bound '
+                   f'{upper:+.4f})', n, mde)
+  return Verdict(INCONCLUSIVE, _underpowered(test, mde, sd, smallest_effect,
+                                             alpha, where), n, mde)
+
+
+def combine(verdicts: Sequence[Verdict], detail: str) -> Verdict:
+  """All reproduced: reproduced; any not reproduced: not reproduced; else
+  inconclusive (with the largest minimum detectable effect)."""
+  statuses = {v.status for v in verdicts}
+  n = min((v.n for v in verdicts), default=0)
+  mde = max((v.mde for v in verdicts), default=float('nan'))
+  if verdicts and statuses == {REPRODUCED}:
+    return Verdict(REPRODUCED, detail, n, mde)
+  if NOT_REPRODUCED in statuses:
+    return Verdict(NOT_REPRODUCED, detail, n, mde)
+  return Verdict(INCONCLUSIVE, detail, n, mde)
 
 
 def ordering(values: Mapping[str, Sequence[float]], order: Sequence[str], *,
-             alpha: float = 0.05, ceiling: float | None = None) -> Verdict:
-  """Does order[0] > order[1] > ... hold (pairwise, adjacent pairs)?
+             alpha: float = 0.05, smallest_effect: float = 0.0,
+             test_images: int | None = None,
+             ceiling: float | None = None) -> Verdict:
+  """Does order[0] > order[1] > ... hold (each adjacent pair, `greater`)?
 
-  values: name -> paired replicates. Missing names make it not testable.
+  values: name -> one value per trained model, paired by seed. A missing
+  name leaves the claim inconclusive.
   """
   missing = [name for name in order if name not in values]
   if missing:
-    return Verdict(NOT_TESTABLE, f'not measured: {", ".join(missing)}')
+    return Verdict(INCONCLUSIVE, f'not measured: {", ".join(missing)}')
   verdicts = [(hi, lo, greater(values[hi], values[lo], alpha=alpha,
-                               ceiling=ceiling))
+                               smallest_effect=smallest_effect,
+                               test_images=test_images, ceiling=ceiling))
               for hi, lo in zip(order, order[1:])]
   detail = '; '.join(f'{hi} > {lo}: {v.status} ({v.detail})'
                      for hi, lo, v in verdicts)
-  statuses = {v.status for _, _, v in verdicts}
-  if NOT_TESTABLE in statuses:
-    return Verdict(NOT_TESTABLE, detail)
-  if statuses == {REPRODUCED}:
-    return Verdict(REPRODUCED, detail)
-  return Verdict(NOT_REPRODUCED, detail)
+  return combine([v for _, _, v in verdicts], detail)
 
 
 def increasing(x: Sequence[float], y: Sequence[float]) -> Verdict:
@@ -90,7 +164,7 @@ def increasing(x: Sequence[float], y: Sequence[float]) -> Verdict:
   order = np.argsort(np.asarray(x, np.float64))
   y = np.asarray(y, np.float64)[order]
   if y.size < 2:
-    return Verdict(NOT_TESTABLE, f'{y.size} point(s)')
+    return Verdict(INCONCLUSIVE, f'{y.size} point(s)')
   detail = ' -> '.join(f'{v:.4f}' for v in y)
   if np.all(np.diff(y) >= 0) and y[-1] > y[0]:
     return Verdict(REPRODUCED, detail)
@@ -120,12 +194,15 @@ class Claim:
       non-inferiority), 'greater_than_value' (a > `value`, same test against
       a constant).
     margin: the non-inferiority margin of 'not_worse'.
-    floor: not testable when both sides are at or below it.
+    floor: inconclusive when both sides are at or below it.
+    smallest_effect: the smallest difference the claim is about (for
+      'greater'): an upper confidence bound below it refutes the claim.
     condition: (config, metric, least) measured properties that must hold
       exactly for the claim to be testable as stated (e.g. the share of
       tokens a mixture-of-depths model skips); if one fails the claim is not
       reproduced.
-    replicates: what one replicate is (paired between a and b).
+    replicates: what one replicate is (paired between a and b): always a
+      trained model; measurements within a model are averaged first.
   """
   name: str
   claim: str
@@ -138,7 +215,8 @@ class Claim:
   floor: float | None = None
   value: float = 0.0
   condition: tuple[tuple[str, str, float], ...] = ()
-  replicates: str = 'seeds'
+  smallest_effect: float = 0.0
+  replicates: str = 'trained models (seeds)'
 
   @property
   def configs(self) -> tuple[str, ...]:
@@ -173,7 +251,8 @@ CLAIMS = (
           source='Dahlke et al. 2025 "Mixture of Tunable Experts", Sec. 4',
           metric='targeted_minus_random', a='tc_k2_bpr', b=None,
           rule='greater_than_value', value=0.0,
-          replicates='seeds x MoE blocks x classes'),
+          replicates='trained models (seeds); per model the mean over its '
+                     'MoE blocks and classes'),
     Claim(name='mod_accuracy',
           claim='Mixture-of-depths keeps accuracy while its blocks skip 47% '
                 'of the tokens (capacity 9 of 17, every other block)',
@@ -185,10 +264,12 @@ CLAIMS = (
 
 def decide(claim: Claim,
            values: Mapping[tuple[str, str], Mapping[Any, float]], *,
-           alpha: float = 0.05) -> Verdict:
-  """The verdict of `claim` from values[(config, metric)] = {replicate key:
-  value} (keys pair the replicates of a and b; a missing config or metric
-  makes the claim not testable)."""
+           alpha: float = 0.05, test_images: int | None = None) -> Verdict:
+  """The verdict of `claim` from values[(config, metric)] = {key: value},
+  where a key is a seed or a tuple starting with the seed (`per_model`
+  averages each trained model's values first; seeds pair a and b). A missing
+  config or metric leaves the claim inconclusive. test_images: the test-set
+  size, for the noise floor of 'accuracy' claims."""
   if claim.rule not in RULES:
     raise ValueError(f'claim {claim.name}: rule {claim.rule!r} is not one of '
                      f'{RULES}')
@@ -197,19 +278,20 @@ def decide(claim: Claim,
           (c, m) for c, m, _ in claim.condition]
   missing = [f'{c} {m}' for c, m in needed if not values.get((c, m))]
   if missing:
-    return Verdict(NOT_TESTABLE, f'not measured: {", ".join(missing)}')
+    return Verdict(INCONCLUSIVE, f'not measured: {", ".join(missing)}')
   for config, metric, least in claim.condition:
     got = min(values[(config, metric)].values())
     if got < least:
       return Verdict(NOT_REPRODUCED, f'{config} {metric} {got:.4f} < the '
                                      f'stated {least}')
-  a = values[(claim.a, claim.metric)]
+  images = test_images if claim.metric == 'accuracy' else None
+  rule = dict(alpha=alpha, floor=claim.floor, test_images=images,
+              smallest_effect=claim.smallest_effect)
+  a = per_model(values[(claim.a, claim.metric)])
   if claim.rule == 'greater_than_value':
     keys = sorted(a)
-    return greater([a[k] for k in keys], [claim.value] * len(keys),
-                   alpha=alpha, floor=claim.floor)
-  b = values[(claim.b, claim.metric)]
+    return greater([a[k] for k in keys], [claim.value] * len(keys), **rule)
+  b = per_model(values[(claim.b, claim.metric)])
   keys = sorted(set(a) & set(b))
   shift = claim.margin if claim.rule == 'not_worse' else 0.0
-  return greater([a[k] + shift for k in keys], [b[k] for k in keys],
-                 alpha=alpha, floor=claim.floor)
+  return greater([a[k] + shift for k in keys], [b[k] for k in keys], **rule)
