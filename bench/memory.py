@@ -225,40 +225,43 @@ def run(quick: bool, repeats: int | None = None,
   info = common.machine_info()
   parts = [f'### Memory levers ({"quick" if quick else "full"})', '',
            common.machine_line(info)]
+  # section: (its rows, title, row keys, column headers)
+  tables = {
+      'remat': (lambda: remat_rows(quick, reps),
+                'Rematerialisation (XLA temporaries of the compiled train '
+                'step; step time):',
+                ['model', 'batch', 'remat', 'temp_mib', 'temp_reduction',
+                 'step_s', 'time_ratio'],
+                ['model', 'batch', 'model.remat', 'temporaries MiB',
+                 'temporaries / none', 'step s', 'time vs none']),
+      'scan': (lambda: scan_rows(quick),
+               'Compile time of the train step (lower + compile):',
+               ['model', 'blocks', 'compile_s', 'scanned_compile_s',
+                'speedup'],
+               ['model', 'blocks', 'unscanned s', 'scan_layers s',
+                'speedup']),
+      'accum': (lambda: accum_rows(quick, reps),
+                'Gradient accumulation (same batch per step):',
+                ['model', 'batch', 'grad_accum_steps', 'micro_batch',
+                 'temp_mib', 'step_s', 'per_image_ratio'],
+                ['model', 'batch', 'grad_accum_steps', 'micro-batch',
+                 'temporaries MiB', 'step s', 'time per image vs k=1']),
+      'estimate': (lambda: estimate_rows(quick),
+                   "The dry run's estimate against a run (all devices of the "
+                   'process):',
+                   ['model', 'devices', 'batch', 'estimate_total_mib',
+                    'estimate_new_mib', 'measured_growth_mib', 'ratio'],
+                   ['model', 'devices', 'batch', 'estimate per device MiB',
+                    'estimated new allocations MiB', 'measured RSS growth MiB',
+                    'measured / estimated']),
+  }
   results = {}
-  if 'remat' in only:
-    rows = results['remat'] = remat_rows(quick, reps)
-    parts += ['', 'Rematerialisation (XLA temporaries of the compiled train '
-              'step; step time):', '', common.markdown_table(
-                  rows, ['model', 'batch', 'remat', 'temp_mib',
-                         'temp_reduction', 'step_s', 'time_ratio'],
-                  ['model', 'batch', 'model.remat', 'temporaries MiB',
-                   'temporaries / none', 'step s', 'time vs none'])]
-  if 'scan' in only:
-    rows = results['scan'] = scan_rows(quick)
-    parts += ['', 'Compile time of the train step (lower + compile):', '',
-              common.markdown_table(
-                  rows, ['model', 'blocks', 'compile_s', 'scanned_compile_s',
-                         'speedup'],
-                  ['model', 'blocks', 'unscanned s', 'scan_layers s',
-                   'speedup'])]
-  if 'accum' in only:
-    rows = results['accum'] = accum_rows(quick, reps)
-    parts += ['', 'Gradient accumulation (same batch per step):', '',
-              common.markdown_table(
-                  rows, ['model', 'batch', 'grad_accum_steps', 'micro_batch',
-                         'temp_mib', 'step_s', 'per_image_ratio'],
-                  ['model', 'batch', 'grad_accum_steps', 'micro-batch',
-                   'temporaries MiB', 'step s', 'time per image vs k=1'])]
-  if 'estimate' in only:
-    rows = results['estimate'] = estimate_rows(quick)
-    parts += ['', "The dry run's estimate against a run (all devices of the "
-              'process):', '', common.markdown_table(
-                  rows, ['model', 'devices', 'batch', 'estimate_total_mib',
-                         'estimate_new_mib', 'measured_growth_mib', 'ratio'],
-                  ['model', 'devices', 'batch', 'estimate per device MiB',
-                   'estimated new allocations MiB', 'measured RSS growth MiB',
-                   'measured / estimated'])]
+  for section in SECTIONS:
+    if section not in only:
+      continue
+    make_rows, title, keys, headers = tables[section]
+    rows = results[section] = make_rows()
+    parts += ['', title, '', common.markdown_table(rows, keys, headers)]
   md = '\n'.join(parts)
   flat = [dict(section=k, **r) for k, rows in results.items() for r in rows]
   common.save_results('memory_quick' if quick else 'memory', flat, info, md)
