@@ -20,6 +20,9 @@ SLURM/Open MPI clusters, where JAX detects them itself.
 import os
 import signal
 import sys
+import time
+
+_START = time.perf_counter()  # the `done:` line reports the command's time
 
 from absl import app
 from absl import flags
@@ -194,8 +197,16 @@ def _main(argv):
           f'(num_train_steps={config.num_train_steps}), {evaluated}'
           f'workdir {workdir}')
     return
+  perf = ''
+  if 'perf/images_per_sec' in result:
+    perf = f", {result['perf/images_per_sec']:,.0f} img/s"
+    if 'perf/mfu' in result:
+      perf += f", MFU {100 * result['perf/mfu']:.1f}%"
   print(f"done: step {result['step']}, {evaluated}"
-        f"{result['train_seconds']:.0f} s, workdir {workdir}")
+        f'{time.perf_counter() - _START:.0f} s (compile '
+        f"{result['compile_seconds']:.0f} s, training "
+        f"{result['train_seconds'] - result['compile_seconds']:.0f} s{perf}), "
+        f'workdir {workdir}')
 
 
 if __name__ == '__main__':

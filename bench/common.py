@@ -98,6 +98,40 @@ def compiled_temp_bytes(jitted, *args) -> int:
   return program_memory(jitted.lower(*args).compile())['temp']
 
 
+def train_setup(model_cfg, *, batch: int, image: int, classes: int,
+                channels: int = 3, grad_accum_steps: int = 1,
+                model=None):
+  """(jitted train step, state, batch) of the library's train step
+  (`vmoe.train.steps.make_train_step`: AdamW, router noise and auxiliary
+  losses on) for `model_cfg` (a `config.model`), jitted with the state
+  donated; random images and one-hot labels. `model`: the model already
+  built from model_cfg (its parameters are used), else built here."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vmoe.nn import vit  # pylint: disable=g-import-not-at-top
+  from vmoe.train import steps  # pylint: disable=g-import-not-at-top
+  make = lambda: vit.create_model(model_cfg, num_classes=classes,
+                                  image_size=image, num_channels=channels,
+                                  rngs=nnx.Rngs(0))
+  model_fn = steps.ModelFn(nnx.eval_shape(make))
+  if model is None:
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(), nnx.Param)))()
+  else:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tx = optax.adamw(1e-4, weight_decay=1e-4)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+           'opt_state': tx.init(params),
+           'nonfinite_step': jnp.full((), -1, jnp.int32)}
+  key = jax.random.key(0)
+  data = {'image': jax.random.normal(key, (batch, image, image, channels)),
+          'labels': jax.nn.one_hot(jnp.arange(batch) % classes, classes)}
+  train = jax.jit(steps.make_train_step(
+      model_fn, tx, seed=0, label_smoothing=0.0,
+      learning_rate_fn=lambda s: 1e-4, grad_accum_steps=grad_accum_steps),
+                  donate_argnums=0)
+  return train, state, data
+
+
 def peak_rss_mb() -> float:
   """Peak resident set size of this process so far (MB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

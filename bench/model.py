@@ -27,24 +27,31 @@ FLOPs are counted analytically as matmul FLOPs of the active path (patch
 embedding, attention projections and score/value products, MLP or active
 expert slots, router, head), x3 for a train step; Soft MoE's dispatch and
 combine contractions and routing are not counted (they are overhead).
-`xla_train_gflop` (CSV/JSON only) is XLA's own `cost_analysis()` count of the
-compiled train step, for reference.
+`xla_train_gflop` and `xla_mfu_pct` (CSV/JSON only) use XLA's own
+`cost_analysis()` count of the lowered train step instead, as the trainer's
+MFU does (`vmoe.train.cost`).
+
+    python -m bench.model --config=configs/vit_digits.py
+
+times one config's train step at its batch size and reports img/s, TFLOP/s
+per device and MFU exactly as the trainer computes them (the check of the
+trainer's MFU line).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 
 from bench import common
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import vit
+from vmoe.train import cost
 from vmoe.train import steps
 
 IMAGE, PATCH, CLASSES = 224, 16, 1000
@@ -103,24 +110,16 @@ def build(name: str, batch: int):
   model = vit.create_model(cfg, num_classes=CLASSES, image_size=IMAGE,
                            num_channels=3, rngs=nnx.Rngs(0))
   flops = active_flops_per_image(model)
+  train, state, data = common.train_setup(cfg, batch=batch, image=IMAGE,
+                                          classes=CLASSES, model=model)
   model_fn = steps.ModelFn(nnx.eval_shape(
       lambda: vit.create_model(cfg, num_classes=CLASSES, image_size=IMAGE,
                                num_channels=3, rngs=nnx.Rngs(0))))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   del model
-  tx = optax.adamw(1e-4, weight_decay=1e-4)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
-           'opt_state': tx.init(params),
-           'nonfinite_step': jnp.full((), -1, jnp.int32)}
-  key = jax.random.key(0)
-  data = {'image': jax.random.normal(key, (batch, IMAGE, IMAGE, 3)),
-          'labels': jax.nn.one_hot(jnp.arange(batch) % CLASSES, CLASSES)}
-  train = jax.jit(steps.make_train_step(model_fn, tx, seed=0,
-                                        label_smoothing=0.0,
-                                        learning_rate_fn=lambda s: 1e-4),
-                  donate_argnums=0)
-  compiled = train.lower(state, data).compile()
-  xla_flops = common.compiled_flops(compiled)
+  lowered = train.lower(state, data)
+  # XLA's count of the step, as the trainer's MFU (vmoe.train.cost).
+  xla_flops = cost.program_flops(lowered)
+  compiled = lowered.compile()
   infer = jax.jit(lambda p, x: model_fn(p, x, train=False)[0])
   return compiled, infer, state, data, flops, xla_flops
 
@@ -175,6 +174,7 @@ def run(quick: bool, repeats: int | None = None, peak: dict | None = None,
                train_vs_dense=t_train[dense] / tt,
                active_gflop_img=m['flops'] / 1e9,
                mfu_pct=100 * 3 * m['flops'] * batch / tt / 1e9 / peak_f32,
+               xla_mfu_pct=100 * m['xla_flops'] / tt / 1e9 / peak_f32,
                peak_gflops=peak_f32,
                xla_train_gflop=m['xla_flops'] / 1e9)
     if name in t_infer:
@@ -202,12 +202,51 @@ def run(quick: bool, repeats: int | None = None, peak: dict | None = None,
   return md, rows, info
 
 
+def run_config(path: str, repeats: int = 5) -> dict:
+  """Train-step throughput and MFU of a config file's model at its batch
+  size, the way the trainer reports them (`vmoe.train.cost`): model FLOPs
+  from `cost.model_flops`, the peak from `cost.peak_flops`, against the
+  median time of the library's train step on random data."""
+  from vmoe import config_flag  # pylint: disable=g-import-not-at-top
+  from vmoe.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = config_flag.load_config_file(path)
+  pp = config.preprocess
+  classes = pipeline.num_classes(config.dataset)
+  train, state, data = common.train_setup(
+      config.model, batch=config.batch_size, image=pp.image_size,
+      classes=classes, channels=pp.num_channels,
+      grad_accum_steps=config.get('grad_accum_steps', 1))
+  states = {'state': state}
+
+  def call():
+    states['state'], metrics = train(states['state'], data)
+    return metrics['loss']
+
+  seconds = common.time_interleaved({'train': call}, repeats, warmup=2,
+                                    min_time=2.0)['train']
+  flops = cost.model_flops(config, classes)
+  peak, source = cost.peak_flops(config)
+  tflops = flops / jax.device_count() / seconds / 1e12
+  return {'config': os.path.relpath(path, common.REPO),
+          'batch': config.batch_size, 'step_ms': seconds * 1e3,
+          'img_s': config.batch_size / seconds, 'tflops_per_device': tflops,
+          'mfu_pct': 100 * tflops * 1e12 / peak if peak else float('nan'),
+          'peak_tflops': (peak or float('nan')) / 1e12, 'peak_source': source}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--repeats', type=int, default=None)
   parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument('--config', default=None,
+                      help="a config file: its model's train step only, "
+                      'measured as the trainer reports it')
   args = parser.parse_args()
+  if args.config:
+    row = run_config(args.config, args.repeats or 5)
+    print(common.markdown_table([row], list(row)))
+    return
   print(run(args.quick, args.repeats, batch=args.batch)[0])
 
 

@@ -365,9 +365,8 @@ def unit_modules(dims: str = 'S') -> list[tuple[str, Callable, int, str,
     return lambda: blocks.build(
         kind, vit.EncoderBlock,
         blocks.BLOCKS.options(options, num_prefix_tokens=1), d, heads,
-        MlpBlock(d, h, rngs=nnx.Rngs(1)), dropout_rate=0.0,
-        drop_path_rate=0.0, dtype=None, param_dtype=jnp.float32,
-        rngs=nnx.Rngs(0))
+        MlpBlock(d, h, rngs=nnx.Rngs(1)), dropout_rate=0.0, dtype=None,
+        param_dtype=jnp.float32, rngs=nnx.Rngs(0))
 
   c = mod.capacity_tokens(SEQ, 0.5)
   counts = mone.token_counts(SEQ, mone.capacity_distribution(0.5, 4), 1)

@@ -5,7 +5,10 @@ Mixtures of Experts"): blocks 6-11 are Soft MoE layers with 128 experts and 1
 slot per expert, L2-normalised tokens and slot parameters with a learned
 scale, global-average-pool head; every image is its own routing group (196
 tokens, 128 slots). Trained here on ImageNet-1k for 300 epochs at batch 4096
-(the paper pre-trains on JFT-4B).
+(the paper pre-trains on JFT-4B with sigmoid cross-entropy). Training recipe: big_vision's ImageNet-1k ViT recipe
+(big_vision/configs/vit_i1k.py) with the AugReg preset medium2
+(RandAugment(2, 15), mixup 0.5), sigmoid cross-entropy, eval at resize 256
++ central crop 224 (`common.imagenet_recipe`).
 
   python main.py --config=configs/soft_moe_b16.py --workdir=$WORKDIR \
       --config.dataset.data_dir=/path/to/tfds
@@ -19,7 +22,7 @@ from vmoe.recipes import common
 
 
 def get_config():
-  config = common.imagenet_recipe(common.get_base_config())
+  config = common.imagenet_recipe(common.get_base_config(), aug='medium2')
   config.model.variant = 'B/16'
   config.model.pool = 'gap'
   config.model.moe = common.moe_config(

@@ -130,7 +130,7 @@ def _block(kind, **options):
   return build(lambda rngs: blocks.build(
       kind, vit.EncoderBlock,
       blocks.BLOCKS.options(options, num_prefix_tokens=1), DIM, HEADS,
-      MlpBlock(DIM, HIDDEN, rngs=rngs), dropout_rate=0.0, drop_path_rate=0.0,
+      MlpBlock(DIM, HIDDEN, rngs=rngs), dropout_rate=0.0,
       dtype=None, param_dtype=jnp.float32, rngs=rngs))
 
 

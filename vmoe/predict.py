@@ -128,7 +128,7 @@ def build_model(config, source):
     raise PredictError(f'{source.describe()} has no classification head')
   num_classes = int(source.params['head/bias'].shape[0])
   abstract = nnx.eval_shape(lambda: vit.create_model(
-      config.model, num_classes=num_classes,
+      vit.unscanned_config(config.model), num_classes=num_classes,
       image_size=config.preprocess.image_size,
       num_channels=config.preprocess.num_channels, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

@@ -47,8 +47,13 @@ RESUME_CHANGEABLE = (
     # Evaluation only.
     'eval_batch_size', 'dataset.eval_split', 'model.moe.eval_capacity_factor',
     'fewshot',
-    # Devices and implementations that compute the same function.
+    # Devices and implementations that compute the same function (a
+    # checkpoint loads in the scanned or unscanned layout; micro-batches
+    # change only the dropout masks).
     'mesh', 'partitioning', 'model.moe.dispatch', 'model.moe.kernels',
+    'model.scan_layers', 'model.remat', 'grad_accum_steps',
+    # Reporting.
+    'profile_steps', 'cost',
     # Only read when a run starts from step 0 (not `init_from.freeze`: it
     # shapes the optimizer state of every step).
     'init_from.path', 'init_from.format', 'init_from.head',

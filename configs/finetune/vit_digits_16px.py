@@ -29,7 +29,7 @@ def get_config():
   config.num_train_steps = 200
   config.eval_every_steps = 50
   config.checkpoint_every_steps = 100
-  config.schedule.warmup_steps = 20
+  config.schedule.warmup_fraction = 0.1  # 20 of 200 steps
   config.optimizer.learning_rate = 1e-3
   config.init_from.path = SOURCE
   return config

@@ -21,6 +21,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vmoe.checkpoints import layout
+from vmoe.checkpoints import mapping
 from vmoe.nn import vit
 from vmoe.train import steps
 
@@ -41,6 +43,17 @@ class Trained:
   @property
   def num_classes(self) -> int:
     return int(self.model.head.kernel.shape[-1])
+
+
+def unscanned(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the model in the unscanned layout, without remat (the
+  same function; the analysis hooks address `model.blocks[i]`)."""
+  if not config.model.get('scan_layers') and config.model.get(
+      'remat', 'none') == 'none':
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.model = vit.unscanned_config(config.model)
+  return out
 
 
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
@@ -66,7 +79,14 @@ def from_params(config: ml_collections.ConfigDict, params: dict[str, Any], *,
                 step: int | None = None, workdir: str | None = None
                 ) -> Trained:
   """A `Trained` from a config and a pure parameter dict; the number of
-  classes is read from the head."""
+  classes is read from the head. The model is the unscanned one (one
+  module per block, `model.blocks[i]`), whatever `config.model.scan_layers`
+  (parameters of a scanned run are unstacked)."""
+  config = unscanned(config)
+  if layout.is_scanned(params):
+    params = mapping.unflatten(layout.to_canonical_flat(mapping.flatten(
+        jax.tree.map(np.asarray, params))))
+    params['blocks'] = {int(k): v for k, v in params['blocks'].items()}
   num_classes = int(np.shape(params['head']['kernel'])[-1])
   abstract = nnx.eval_shape(lambda: vit.create_model(
       config.model, num_classes=num_classes,
@@ -139,6 +159,7 @@ def eval_batches(config: ml_collections.ConfigDict, *,
 def initialized(config: ml_collections.ConfigDict, *, num_classes: int,
                 seed: int = 0) -> Trained:
   """The model of `config` with freshly initialised parameters (seed)."""
+  config = unscanned(config)
   model = vit.create_model(config.model, num_classes=num_classes,
                            image_size=config.preprocess.image_size,
                            num_channels=config.preprocess.num_channels,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from vmoe.checkpoints import big_vision
+from vmoe.checkpoints import layout
 from vmoe.checkpoints import mapping
 from vmoe.checkpoints import ours
 from vmoe.checkpoints import vmoe_format
@@ -141,7 +142,9 @@ def import_params(source: Source, target: Any) -> Any:
   exactly."""
   check_extras(source)
   flat = flat_names(target)
-  check_names(source, flat)
+  check_names(source, layout.canonical_shapes(flat))
+  # A scanned model (`model.scan_layers`) takes the blocks stacked.
+  params = layout.to_layout_flat(source.params, flat)
   return unflatten_like(target, {
-      n: np.asarray(source.params[n]).astype(np.dtype(leaf.dtype))
+      n: np.asarray(params[n]).astype(np.dtype(leaf.dtype))
       for n, leaf in flat.items()})

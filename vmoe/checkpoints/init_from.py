@@ -39,6 +39,8 @@ import numpy as np
 
 from vmoe import checkpoints
 from vmoe.config import ConfigError, checker, is_bool, is_name, is_number
+from vmoe.checkpoints import layout
+from vmoe.checkpoints import mapping
 from vmoe.checkpoints import posemb
 from vmoe.checkpoints import upcycle as upcycle_lib
 from vmoe.checkpoints.source import CheckpointError, Source
@@ -275,11 +277,19 @@ def initialize_state(config, state: dict[str, Any], *, tx,
   """
   if not enabled(config):
     return state
-  host = jax.tree.map(_to_host, state['params'])
+  host = original = jax.tree.map(_to_host, state['params'])
+  flat_host = checkpoints.flat_names(host)
+  scanned = layout.is_scanned(flat_host)
+  if scanned:  # names below are the unscanned 'blocks/{i}/...'
+    host = mapping.unflatten(layout.to_canonical_flat(flat_host))
   try:
     params, notes = initialize(config, host)
   except CheckpointError as e:
     raise ConfigError(f'config.init_from: {e}') from None
+  if scanned:
+    params = checkpoints.unflatten_like(
+        original,
+        layout.to_layout_flat(checkpoints.flat_names(params), flat_host))
   if jax.process_index() == 0:
     print('init_from: ' + '; '.join(notes), flush=True)
   params = jax.tree.map(

@@ -4,8 +4,9 @@ for `init_from` and inference.
 Accepts a training workdir or its `checkpoints/` directory (the newest
 checkpoint that restores and verifies: corrupt ones are skipped with a
 warning, ones deleted meanwhile by a running training in silence) or one
-`checkpoints/<step>` directory (that step). Parameter names are already ours.
-Reading creates nothing.
+`checkpoints/<step>` directory (that step). Parameter names are already
+ours, in the unscanned layout (`layout.py`: a scanned run's stacked
+parameters come out one block at a time). Reading creates nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from vmoe import workdir as workdir_lib
 from vmoe.checkpoints import checkpointer as checkpoint_lib
+from vmoe.checkpoints import layout
 from vmoe.checkpoints import mapping
 from vmoe.checkpoints.source import CheckpointError, Source, fix_dtype
 
@@ -52,8 +54,9 @@ def read(path: str) -> Source:
   restored = checkpoint_lib.read(directory, step)
   state = restored.state
   params = state['params'] if 'params' in state else state
-  flat = mapping.flatten(jax.tree.map(lambda x: fix_dtype(np.asarray(x)),
-                                      params))
+  # A scanned run's stacked parameters come out one block at a time.
+  flat = layout.to_canonical_flat(mapping.flatten(
+      jax.tree.map(lambda x: fix_dtype(np.asarray(x)), params)))
   return Source(FORMAT, f'{directory}/{restored.step}', flat, {},
                 config=restored.info.config)
 

@@ -111,6 +111,47 @@ class LayerNorm(nnx.Module):
     return y.astype(dtype)
 
 
+class Streams:
+  """The random streams of one block call, drawn like `nnx.Rngs`.
+
+  `streams.dropout()` returns the next key of the 'dropout' stream (the
+  stream's key folded with a call counter), as `nnx.Rngs.dropout()` does.
+  A stream's key is a single key or a [b] array of keys, one per example
+  (the ViT's 'gating' stream): each draw of the latter is [b] keys too, so
+  that what an example draws does not depend on the other examples of the
+  batch (`vmoe.nn.routing.add_gating_noise`).
+
+  Unlike `nnx.Rngs` it is a plain Python object built from arrays inside
+  the traced function, so it can be created per block inside `jax.lax.scan`
+  and `jax.checkpoint` (`vmoe.nn.vit`) without any state crossing them.
+  """
+
+  def __init__(self, keys: dict[str, jax.Array]):
+    self._keys = dict(keys)
+    self._counts = {name: 0 for name in keys}
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._keys
+
+  def __getattr__(self, name: str):
+    if name.startswith('_') or name not in self._keys:
+      raise AttributeError(f'no random stream {name!r} (streams: '
+                           f'{sorted(self._keys)})')
+
+    def draw() -> jax.Array:
+      count = self._counts[name]
+      self._counts[name] = count + 1
+      return fold_in(self._keys[name], count)
+    return draw
+
+
+def fold_in(key: jax.Array, data) -> jax.Array:
+  """`jax.random.fold_in` of a single key or of each key of a [b] array."""
+  if jnp.ndim(key) == 0:
+    return jax.random.fold_in(key, data)
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+
+
 def dropout(x: jax.Array, rate: float, *, train: bool,
             rngs: nnx.Rngs | None) -> jax.Array:
   """Inverted dropout using the 'dropout' rng stream; identity at eval."""
@@ -142,14 +183,22 @@ def dropout_multiplier(rate: float, key: jax.Array | None,
   return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(dtype)
 
 
-def drop_path(x: jax.Array, rate: float, *, train: bool,
-              rngs: nnx.Rngs | None) -> jax.Array:
-  """Stochastic depth: drops the whole residual branch per example."""
-  if not train or rate == 0.0:
+def drop_path(x: jax.Array, rate: float | jax.Array, *, train: bool,
+              rngs: Any) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example.
+
+  rate: a Python float, or a traced float32 scalar (the rate of a block
+  inside a scanned stack). The key comes from the 'drop_path' stream the
+  ViT gives each block (`Streams`), else from 'dropout'.
+  """
+  if not train or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
-  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate,
+  # float32 whether the rate is static or traced: the same values either way.
+  rate = jnp.asarray(rate, jnp.float32)
+  key = rngs.drop_path() if 'drop_path' in rngs else rngs.dropout()
+  keep = jax.random.bernoulli(key, 1.0 - rate,
                               (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
 
 
 def join_metrics(metrics: dict[str, Any], **parts: dict[str, Any]

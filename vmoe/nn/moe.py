@@ -50,8 +50,9 @@ from vmoe.nn.layers import DType, param
 from vmoe.nn.routers.base import LOSS_KEYS, METRIC_KEYS
 
 # Fields that may sit in the same config but belong to the model placing the
-# MoE layers (`vmoe.nn.vit`: which blocks are MoE); ignored here.
-MODEL_KEYS = ('layers',)
+# MoE layers (`vmoe.nn.vit`: which blocks are MoE, the experts' dropout
+# rate); ignored here.
+MODEL_KEYS = ('layers', 'dropout')
 
 
 # ----------------------------------------------------------------------------

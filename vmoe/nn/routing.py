@@ -218,9 +218,26 @@ def compute_capacity(num_tokens: int, num_experts: int, *,
 
 
 def add_gating_noise(logits: Array, noise_std: float, rng: Array) -> Array:
-  """logits + noise_std * N(0, 1), in float32 (V-MoE noisy gating)."""
+  """logits [g, s, e] + noise_std * N(0, 1), in float32 (V-MoE noisy gating).
+
+  rng: one key for the whole array, or [b] keys, one per example of the
+  batch whose b * n tokens the g * s rows are (tokens in batch order, as
+  `vmoe.nn.moe.MoeLayer` groups them). Per-example keys make the noise of
+  an example independent of the rest of the batch, so a step over
+  micro-batches (`config.grad_accum_steps`) draws the very noise of the
+  step over the whole batch.
+  """
   logits = logits.astype(jnp.float32)
-  return logits + noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
+  if jnp.ndim(rng) == 0:
+    noise = jax.random.normal(rng, logits.shape, jnp.float32)
+  else:
+    g, s, e = logits.shape
+    b = rng.shape[0]
+    if (g * s) % b:
+      raise ValueError(f'{b} per-example keys for {g * s} tokens')
+    noise = jax.vmap(lambda key: jax.random.normal(
+        key, (g * s // b, e), jnp.float32))(rng).reshape(g, s, e)
+  return logits + noise_std * noise
 
 
 def top_k(x: Array, k: int) -> tuple[Array, Array]:

@@ -16,20 +16,24 @@ class token); logits [b, num_classes].
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from vmoe.config import ConfigError
+from vmoe.config import ConfigError, check, is_int
 from vmoe.nn import attention as attention_lib
 from vmoe.nn import batched_mlp
 from vmoe.nn import blocks as blocks_lib
 from vmoe.nn import layers
 from vmoe.nn import moe as moe_lib
+from vmoe.nn import scan as scan_lib
 # pylint: disable-next=unused-import
 from vmoe.nn.layers import (AUX_LOSS_KEY, Dense, LayerNorm, MlpBlock, dropout,
                             drop_path)
@@ -76,21 +80,19 @@ def model_size(model_cfg: ml_collections.ConfigDict) -> tuple[VitSize, int]:
   """(VitSize, patch) of `config.model`: `variant` with the optional
   overrides model.width / depth / mlp_dim / num_heads (None = the variant's),
   for checkpoints whose size is not a named variant (e.g. the V-MoE paper's
-  S: width 512, depth 8). Raises a one-line ValueError on bad values."""
+  S: width 512, depth 8). Raises a one-line ConfigError on bad values."""
   size, patch = parse_variant(model_cfg.variant)
   overrides = {}
   for name in SIZE_FIELDS:
     value = model_cfg.get(name)
     if value is None:
       continue
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f'model.{name}={value!r} must be None (from '
-                       'model.variant) or a positive integer')
+    check(is_int(value) and value >= 1, f'model.{name}', value,
+          'must be None (from model.variant) or a positive integer')
     overrides[name] = value
   size = dataclasses.replace(size, **overrides)
-  if size.width % size.num_heads:
-    raise ValueError(f'model.num_heads={size.num_heads} does not divide the '
-                     f'width {size.width}')
+  check(size.width % size.num_heads == 0, 'model.num_heads', size.num_heads,
+        f'does not divide the width {size.width}')
   return size, patch
 
 
@@ -181,7 +183,8 @@ class MultiHeadAttention(nnx.Module):
     dtype = self.dtype or x.dtype
     qkv = jnp.einsum('bnd,dthk->tbnhk', x.astype(dtype),
                      self.qkv_kernel[...].astype(dtype))
-    return qkv + self.qkv_bias[...].astype(dtype)[:, None, None]
+    qkv = qkv + self.qkv_bias[...].astype(dtype)[:, None, None]
+    return checkpoint_name(qkv, 'qkv')  # for model.remat='save:qkv'
 
   def attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Scaled dot-product attention per head: q, k, v [b, n, h, k] -> the
@@ -220,12 +223,17 @@ class EncoderBlock(nnx.Module):
 
   attention, attention_options: the attention kind (`vmoe.nn.attention`)
   and its merged options; its metrics join the block's under 'attention/'.
+
+  Called as block(x, drop_path_rate=..., train=..., rngs=...) -> (x,
+  metrics): the stochastic depth rate is an argument, not an attribute, so
+  that blocks at every depth are the same module and scan together
+  (`vmoe.nn.scan`). Every block kind (`vmoe.nn.blocks`) follows this call
+  signature.
   """
 
   def __init__(self, dim: int, num_heads: int, mlp: nnx.Module, *,
-               dropout_rate: float, drop_path_rate: float, dtype,
-               param_dtype, rngs: nnx.Rngs, attention: str = 'mha',
-               attention_options: Any = None):
+               dropout_rate: float, dtype, param_dtype, rngs: nnx.Rngs,
+               attention: str = 'mha', attention_options: Any = None):
     self.ln1 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn = attention_lib.build(
         attention, MultiHeadAttention,
@@ -234,18 +242,53 @@ class EncoderBlock(nnx.Module):
     self.ln2 = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = mlp
     self.dropout_rate = dropout_rate
-    self.drop_path_rate = drop_path_rate
 
-  def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x, *, drop_path_rate: float | jax.Array = 0.0,
+               train: bool, rngs: Any):
     x = layers.materialize_cotangent(x)
     y, attn_metrics = self.attn.attend(self.ln1(x), train=train, rngs=rngs)
+    y = checkpoint_name(y, 'attn')
     y = dropout(y, self.dropout_rate, train=train, rngs=rngs)
-    x = x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    x = x + drop_path(y, drop_path_rate, train=train, rngs=rngs)
     x = layers.materialize_cotangent(x)
     y, metrics = self.mlp(self.ln2(x), train=train, rngs=rngs)
+    y = checkpoint_name(y, 'mlp')
     y = dropout(y, self.dropout_rate, train=train, rngs=rngs)
-    x = x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    x = x + drop_path(y, drop_path_rate, train=train, rngs=rngs)
     return x, layers.join_metrics(metrics, attention=attn_metrics)
+
+
+def encoder_block(index: int, *, size: VitSize, moe: Any,
+                  moe_blocks: tuple[int, ...], block: str,
+                  kind_blocks: tuple[int, ...], block_options: Any,
+                  attention: str, attention_options: Any,
+                  dropout_rate: float, gelu: str, dtype, param_dtype,
+                  rngs: nnx.Rngs) -> nnx.Module:
+  """Block `index` of the encoder: the model's one block factory.
+
+  The block kind `block` (`vmoe.nn.blocks`) at the blocks it selects
+  (`kind_blocks`), the standard block elsewhere; the MLP slot an MoE layer
+  (`vmoe.nn.moe.build_layer`) at `moe_blocks`. Blocks whose modules come out
+  identical (same kind, same MLP, same static options) scan together
+  (`model.scan_layers`).
+  """
+  d = size.width
+  if index in moe_blocks:
+    # model.moe.dropout: dropout inside the experts (vmoe's moe.dropout_rate;
+    # None = model.dropout).
+    expert_dropout = moe.get('dropout')
+    mlp = moe_lib.build_layer(
+        d, size.mlp_dim, config=moe,
+        dropout_rate=dropout_rate if expert_dropout is None else expert_dropout,
+        gelu=gelu, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  else:
+    mlp = MlpBlock(d, size.mlp_dim, dropout_rate=dropout_rate, gelu=gelu,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return blocks_lib.build(
+      block if index in kind_blocks else 'standard', EncoderBlock,
+      block_options, d, size.num_heads, mlp, dropout_rate=dropout_rate,
+      dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention,
+      attention_options=attention_options)
 
 
 class VisionTransformer(nnx.Module):
@@ -268,6 +311,22 @@ class VisionTransformer(nnx.Module):
   block, block_options: the block kind (`vmoe.nn.blocks`: 'standard', 'mod',
     'mone') of the blocks its `<kind>_layers` option selects, and its
     options; the other blocks are standard.
+  scan_layers: runs of identical blocks as scanned stacks with stacked
+    parameters (`vmoe.nn.scan`; `layout` says which). Parameters are then
+    'stacks/{n}/unit/{j}/...' [reps, ...] and, for blocks outside a stack,
+    'blocks/{i}/...'; `vmoe.nn.scan.to_canonical` converts them to the
+    unscanned 'blocks/{i}/...' of every block.
+  remat: `jax.checkpoint` policy of every block or scanned unit
+    (`vmoe.nn.scan.REMAT_POLICIES`; 'none' = no rematerialisation).
+  head_bias_init: the initial head bias (big_vision and vmoe start sigmoid
+    cross-entropy training at about -log(classes)).
+  param_dtype: dtype of the stored parameters (float32, or bfloat16 to halve
+    their memory; computations cast them to `dtype`).
+
+  Randomness: block i draws from its own streams, the model's 'dropout' and
+  'gating' keys folded with i, and the router noise of an example from its
+  own key, so the scanned and unscanned layouts, with or without remat,
+  compute the same function with the same draws.
   """
 
   def __init__(self, *, num_classes: int, image_size: int, num_channels: int,
@@ -278,6 +337,8 @@ class VisionTransformer(nnx.Module):
                representation_size: int | None = None,
                size: VitSize | None = None, dtype=None,
                param_dtype=jnp.float32, head_zero_init: bool = True,
+               head_bias_init: float = 0.0,
+               scan_layers: bool = False, remat: str = 'none',
                attention: str = 'mha', attention_options: Any = None,
                block: str = 'standard', block_options: Any = None,
                rngs: nnx.Rngs):
@@ -310,31 +371,47 @@ class VisionTransformer(nnx.Module):
     moe_blocks = moe_block_indices(moe.layers if moe is not None else None,
                                    size.depth)
     self.moe_blocks = moe_blocks
+    scan_lib.validate_remat(remat)
+    self.remat = remat
+    # Stochastic depth rate grows linearly with depth (Huang et al. 2016).
+    self.drop_path_rates = tuple(stochastic_depth * i / max(size.depth - 1, 1)
+                                 for i in range(size.depth))
     kind_blocks = validate_kinds(
         size=size, pool=pool, attention=attention,
         attention_options=attention_options, block=block,
         block_options=block_options, moe=moe)
-    block_opts = blocks_lib.BLOCKS.options(
-        block_options, num_prefix_tokens=1 if pool == 'tok' else 0)
-    blocks = []
-    for i in range(size.depth):
-      if i in moe_blocks:
-        mlp = moe_lib.build_layer(d, size.mlp_dim, config=moe,
-                                  dropout_rate=dropout_rate, gelu=gelu,
-                                  dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
-      else:
-        mlp = MlpBlock(d, size.mlp_dim, dropout_rate=dropout_rate, gelu=gelu,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-      # Stochastic depth rate grows linearly with depth (Huang et al. 2016).
-      rate = stochastic_depth * i / max(size.depth - 1, 1)
-      blocks.append(blocks_lib.build(
-          block if i in kind_blocks else 'standard', EncoderBlock, block_opts,
-          d, size.num_heads, mlp, dropout_rate=dropout_rate,
-          drop_path_rate=rate, dtype=dtype, param_dtype=param_dtype,
-          rngs=rngs, attention=attention,
-          attention_options=attention_options))
-    self.blocks = nnx.List(blocks)
+    factory = functools.partial(
+        encoder_block, size=size, moe=moe, moe_blocks=moe_blocks,
+        block=block, kind_blocks=kind_blocks,
+        block_options=blocks_lib.BLOCKS.options(
+            block_options, num_prefix_tokens=1 if pool == 'tok' else 0),
+        attention=attention, attention_options=attention_options,
+        dropout_rate=dropout_rate, gelu=gelu, dtype=dtype,
+        param_dtype=param_dtype)
+    # Each block initialises from its own key, so both layouts hold the same
+    # parameters for a seed.
+    blocks_key = rngs.params()
+    build = lambda i: factory(i, rngs=nnx.Rngs(
+        params=jax.random.fold_in(blocks_key, i)))
+    if scan_layers:
+      self.layout = scan_lib.plan([
+          scan_lib.signature(nnx.eval_shape(lambda i=i: factory(
+              i, rngs=nnx.Rngs(0)))) for i in range(size.depth)])
+    else:
+      self.layout = tuple(scan_lib.Single(i) for i in range(size.depth))
+    singles = [seg.index for seg in self.layout
+               if isinstance(seg, scan_lib.Single)]
+    if scan_layers:
+      # Keyed by block index ('blocks/5/...', as unscanned).
+      self.blocks = nnx.Dict({str(i): build(i) for i in singles})
+      self.stacks = nnx.List([
+          scan_lib.BlockStack([[build(seg.block(t, j))
+                                for j in range(seg.period)]
+                               for t in range(seg.reps)])
+          for seg in self.layout if isinstance(seg, scan_lib.Stack)])
+    else:
+      self.blocks = nnx.List([build(i) for i in singles])
+      self.stacks = None
     self.encoder_norm = LayerNorm(d, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)
     self.pre_logits = (Dense(d, representation_size, axes=('embed', 'mlp'),
@@ -344,8 +421,9 @@ class VisionTransformer(nnx.Module):
     head_init = (nnx.initializers.zeros_init() if head_zero_init
                  else nnx.initializers.xavier_uniform())
     self.head = Dense(representation_size or d, num_classes,
-                      axes=('embed', 'vocab'), kernel_init=head_init, dtype=jnp.float32,
-                      param_dtype=param_dtype, rngs=rngs)
+                      axes=('embed', 'vocab'), kernel_init=head_init,
+                      bias_init=nnx.initializers.constant(head_bias_init),
+                      dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """images [b, H, W, C] -> patch tokens [b, n, d] (non-overlapping conv)."""
@@ -358,14 +436,72 @@ class VisionTransformer(nnx.Module):
     return x @ kernel + self.patch_bias[...].astype(dtype)
 
   def __call__(self, images: jax.Array, *, train: bool = False,
-               rngs: nnx.Rngs | None = None):
+               rngs: nnx.Rngs | None = None,
+               example_ids: jax.Array | None = None):
     """images [b, H, W, C] -> (logits [b, classes] float32, metrics)."""
-    features, metrics = self.features(images, train=train, rngs=rngs)
+    features, metrics = self.features(images, train=train, rngs=rngs,
+                                      example_ids=example_ids)
     return self.head(features), metrics
 
+  @staticmethod
+  def _block_keys(rngs: Any, batch: int, example_ids: jax.Array | None,
+                  train: bool) -> dict[str, jax.Array] | None:
+    """Base keys of the blocks' random streams (None at evaluation).
+
+    'gating' (router noise) has one key per example, from its index in the
+    batch (`example_ids`, default 0..b-1), so an example's router noise does
+    not depend on how the batch is split into micro-batches.
+    """
+    if rngs is None or not train:
+      return None
+    keys = {}
+    if 'dropout' in rngs:
+      keys['dropout'], keys['drop_path'] = jax.random.split(rngs.dropout())
+    if 'gating' in rngs:
+      ids = jnp.arange(batch) if example_ids is None else example_ids
+      keys['gating'] = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+          rngs.gating(), ids)
+    return keys
+
+  @staticmethod
+  def _streams(keys: dict[str, jax.Array] | None, index) -> Any:
+    """The random streams of block `index` (a Python or traced int)."""
+    if keys is None:
+      return None
+    return layers.Streams({name: layers.fold_in(key, index)
+                           for name, key in keys.items()})
+
+  def _run_block(self, block, x, keys, *, index, rate, train):
+    return block(x, drop_path_rate=rate, train=train,
+                 rngs=self._streams(keys, index))
+
+  def _run_stack(self, seg: scan_lib.Stack, x, keys, train):
+    """The blocks of a scanned stack: (x, [per unit position j] metrics with
+    a leading [reps] axis)."""
+    rates = np.asarray([[self.drop_path_rates[seg.block(t, j)]
+                         for j in range(seg.period)]
+                        for t in range(seg.reps)], np.float32)
+    xs = jnp.asarray(rates) if train and rates.any() else None
+
+    def body(unit, x, t, rates_t):
+      outs = []
+      for j, block in enumerate(unit):
+        index = seg.start + t * seg.period + j
+        x, m = block(x, drop_path_rate=0.0 if rates_t is None else rates_t[j],
+                     train=train, rngs=self._streams(keys, index))
+        outs.append(m)
+      return x, outs
+
+    return self.stacks[seg.number].scan(x, body, xs, remat=self.remat)
+
   def features(self, images: jax.Array, *, train: bool = False,
-               rngs: nnx.Rngs | None = None):
+               rngs: nnx.Rngs | None = None,
+               example_ids: jax.Array | None = None):
     """images [b, H, W, C] -> (pre-logits [b, r or d] float32, metrics).
+
+    example_ids: int [b], the examples' indices in the whole batch when
+    these images are a micro-batch of it (default 0..b-1; see
+    `_block_keys`).
 
     The input of the head: the pooled encoder output (class token or mean),
     through the pre-logits layer if the model has one. Few-shot linear
@@ -379,10 +515,26 @@ class VisionTransformer(nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)
     x = x + self.pos_embedding[...].astype(x.dtype)
     x = dropout(x, self.dropout_rate, train=train, rngs=rngs)
+    keys = self._block_keys(rngs, x.shape[0], example_ids, train)
+    per_block = {}
+    for seg in self.layout:
+      if isinstance(seg, scan_lib.Single):
+        block = self.blocks[str(seg.index) if self.stacks is not None
+                            else seg.index]
+        rate = self.drop_path_rates[seg.index]
+        run = functools.partial(self._run_block, index=seg.index, rate=rate,
+                                train=train)
+        x, per_block[seg.index] = scan_lib.call_block(
+            block, x, run, keys, remat=self.remat)
+      else:
+        x, outs = self._run_stack(seg, x, keys, train)
+        for t in range(seg.reps):
+          for j in range(seg.period):
+            per_block[seg.block(t, j)] = jax.tree.map(
+                lambda v, t=t: v[t], outs[j])
     metrics = {AUX_LOSS_KEY: jnp.zeros((), jnp.float32)}
-    for i, block in enumerate(self.blocks):
-      x, block_metrics = block(x, train=train, rngs=rngs)
-      for name, value in block_metrics.items():
+    for i in sorted(per_block):  # block order, as the sum of the losses
+      for name, value in per_block[i].items():
         metrics[f'block_{i}/{name}'] = value
         if name == AUX_LOSS_KEY:
           metrics[AUX_LOSS_KEY] += value.astype(jnp.float32)
@@ -410,11 +562,28 @@ def create_model(model_cfg: ml_collections.ConfigDict, *, num_classes: int,
       moe=model_cfg.get('moe', None),
       gelu=model_cfg.get('gelu', batched_mlp.DEFAULT_GELU),
       dtype=dtype,
+      param_dtype=jnp.dtype(model_cfg.get('param_dtype', 'float32')),
+      scan_layers=bool(model_cfg.get('scan_layers', False)),
+      remat=model_cfg.get('remat', 'none'),
       head_zero_init=model_cfg.get('head_zero_init', True),
+      head_bias_init=float(model_cfg.get('head_bias_init', 0.0)),
       attention=model_cfg.get('attention', 'mha'),
       attention_options=model_cfg.get('attention_options'),
       block=model_cfg.get('block', 'standard'),
       block_options=model_cfg.get('block_options'), rngs=rngs)
+
+
+def unscanned_config(model_cfg: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
+  """`config.model` with the unscanned layout and no remat: the same
+  function, with one module per block (`model.blocks[i]`), which the
+  analysis and inference code address."""
+  out = ml_collections.ConfigDict(model_cfg.to_dict())
+  if 'scan_layers' in out:
+    out.scan_layers = False
+  if 'remat' in out:
+    out.remat = 'none'
+  return out
 
 
 def num_tokens(model_cfg: ml_collections.ConfigDict, image_size: int) -> int:

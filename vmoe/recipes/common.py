@@ -26,7 +26,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500  # also saved at the last step
   config.max_to_keep = 3
   config.label_smoothing = 0.0
-  config.dry_run = False  # print parameter/FLOP counts and exit
+  # 'softmax_xent' | 'sigmoid_xent' (per-class binary cross-entropy summed
+  # over classes: the V-MoE upstream and AugReg recipes).
+  config.loss = 'softmax_xent'
+  # Micro-batches per step: k > 1 runs batch_size / k images at a time
+  # inside the step and applies their mean gradient once (the same update).
+  config.grad_accum_steps = 1
+  # Print parameters, FLOPs and per-device memory of the train step (compiled
+  # for the mesh; --num_cpu_devices=N simulates N devices) and exit.
+  config.dry_run = False
+  # (first, last): write a jax.profiler trace of these train steps (1-based,
+  # as logged) into <workdir>/profile (TensorBoard profile plugin, Perfetto).
+  config.profile_steps = None
+  # Cost reporting (vmoe/train/cost.py): peak TFLOP/s per device for MFU and
+  # device memory in GiB for the dry run's "fits"; None = from the device
+  # table, or the CPU's matmul peak measured at start.
+  config.cost = ml_collections.ConfigDict(dict(peak_tflops=None,
+                                               memory_gib=None))
   # Start from a checkpoint (path None = from scratch): big_vision / vit_jax
   # .npz, vmoe prefix or a workdir of ours; new head, resized position
   # embeddings, freezing, sparse upcycling (vmoe/checkpoints/init_from.py).
@@ -71,7 +87,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.preprocess.flip = True
   config.preprocess.value_range = (-1.0, 1.0)
   config.preprocess.mixup_alpha = 0.0
-  # RandAugment (big_vision / vmoe): None or (num_layers, magnitude).
+  # RandAugment (big_vision / vmoe): None or (num_layers, magnitude); the
+  # AugReg presets set it with mixup (vmoe/recipes/augreg.py).
   config.preprocess.randaug = None
   config.preprocess.resize_method = 'bilinear'
 
@@ -81,7 +98,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.0
   config.model.stochastic_depth = 0.0
   config.model.dtype = 'float32'  # activations; 'bfloat16' for mixed precision
+  config.model.param_dtype = 'float32'  # stored parameters
+  # Identical blocks as scanned stacks with stacked parameters (compile time
+  # independent of depth); checkpoints load in either layout.
+  config.model.scan_layers = False
+  # jax.checkpoint of every block: 'none' | 'full' | 'dots' |
+  # 'dots_no_batch' | 'save:qkv,attn,mlp' (vmoe/nn/scan.py).
+  config.model.remat = 'none'
   config.model.head_zero_init = True
+  config.model.head_bias_init = 0.0  # e.g. -log(classes) for sigmoid_xent
   # 'tanh' (jax.nn.gelu's default, used by vit_jax, big_vision and vmoe, so
   # published weights compute the published function) | 'exact' (erf).
   config.model.gelu = 'tanh'
@@ -103,7 +128,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'  # | 'adam' | 'sgd'
   config.optimizer.learning_rate = 1e-3  # peak
-  config.optimizer.weight_decay = 1e-4
+  # A number (every kernel: ndim >= 2) or ((regex, value), ...) per parameter.
+  config.optimizer.weight_decay = ml_collections.FieldReference(
+      1e-4, field_type=object)
+  config.optimizer.mu_dtype = None  # Adam's first moment: None | 'bfloat16'
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8
@@ -113,7 +141,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.schedule = ml_collections.ConfigDict()
   config.schedule.name = 'cosine'  # | 'linear' | 'rsqrt' | 'constant'
-  config.schedule.warmup_steps = 100
+  config.schedule.warmup_steps = 100  # clamped to num_train_steps
+  config.schedule.warmup_fraction = None  # or of num_train_steps (then
+                                          # warmup_steps = None)
   config.schedule.end_lr_fraction = 0.0  # cosine/linear: final lr / peak lr
   config.schedule.rsqrt_timescale = 10_000
 
@@ -144,7 +174,10 @@ def digits_data(config: ml_collections.ConfigDict,
 
 def imagenet_data(config: ml_collections.ConfigDict,
                   name: str = 'imagenet2012') -> ml_collections.ConfigDict:
-  """ImageNet-style input: Inception crop + flip at 224px, RGB in [-1, 1].
+  """ImageNet-style input: Inception crop + flip at 224px, RGB in [-1, 1];
+  evaluation resizes the short side to 256 and takes the central 224 x 224
+  crop (`decode|resize_small(256)|central_crop(224)` of big_vision and
+  vmoe).
 
   The data must be prepared in `config.dataset.data_dir` (see README).
   """
@@ -157,23 +190,41 @@ def imagenet_data(config: ml_collections.ConfigDict,
   config.preprocess.train_crop = 'random_resized'
   config.preprocess.crop_scale = (0.05, 1.0)
   config.preprocess.flip = True
+  config.preprocess.eval_crop_fraction = 224 / 256
   return config
 
 
-def imagenet_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """300 epochs of ImageNet-1k at batch 4096: AdamW lr 1e-3, wd 1e-4, 10k
-  warmup steps, cosine decay, mixup 0.2, bf16 activations."""
+def imagenet_recipe(config: ml_collections.ConfigDict,
+                    aug: str) -> ml_collections.ConfigDict:
+  """big_vision's ViT recipe for ImageNet-1k from scratch
+  (big_vision/configs/vit_i1k.py, the AugReg paper's setting, Steiner et
+  al. 2022): 300 epochs at batch 4096; Adam (0.9, 0.999) with its first
+  moment in bfloat16, learning rate 1e-3 with 10k warmup steps and cosine
+  decay, gradient clipping at norm 1; weight decay on the kernels only,
+  0.1 here (decoupled and scaled by the learning rate: big_vision's wd
+  1e-4 is applied after the learning rate, 1e-3 x 0.1); sigmoid
+  cross-entropy with the head bias at -6.9 (~ -log 1000); Inception crop,
+  flip and the AugReg preset `aug` (`augreg.PRESETS`: RandAugment, mixup)
+  in training, resize 256 + central crop 224 at evaluation; bfloat16
+  activations. big_vision's defaults per model: Ti/16 light0, S/32
+  medium1, S/16, B/32, B/16, L/16 medium2 (our names, `augreg`)."""
+  from vmoe.recipes import augreg as augreg_lib  # pylint: disable=g-import-not-at-top
   imagenet_data(config)
-  config.preprocess.mixup_alpha = 0.2
+  augreg_lib.augreg(config, aug)
   config.batch_size = 4096
   config.eval_batch_size = 4096
   config.num_train_steps = 93_000  # 300 epochs of 1.27M images
   config.log_every_steps = 100
   config.eval_every_steps = 2000
   config.checkpoint_every_steps = 1000
+  config.loss = 'sigmoid_xent'
+  config.model.head_bias_init = -6.9
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 1e-4
+  config.optimizer.weight_decay = (('kernel', 0.1),)
+  config.optimizer.mu_dtype = 'bfloat16'
+  config.optimizer.grad_clip_norm = 1.0
+  config.schedule.name = 'cosine'
   config.schedule.warmup_steps = 10_000
   config.model.dtype = 'bfloat16'
   return config
@@ -205,7 +256,9 @@ def digits_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   digits_data(config)
   config.model.variant = 'mu/2'
   config.batch_size = 128
-  config.eval_batch_size = 300
+  # Divides into whole routing groups on 1, 2, 4 and 8 devices (40 images of
+  # 17 tokens per device on 8); the 300 test images are one padded batch.
+  config.eval_batch_size = 320
   config.num_train_steps = 800
   config.log_every_steps = 25
   config.eval_every_steps = 200
@@ -213,6 +266,9 @@ def digits_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   config.optimizer.learning_rate = 3e-3
   config.optimizer.weight_decay = 0.05
   config.preprocess.mixup_alpha = 0.5
-  config.schedule.warmup_steps = 50
+  # 50 of 800 steps; a fraction, so that --config.num_train_steps=N alone
+  # keeps a warmup of N / 16 steps.
+  config.schedule.warmup_steps = None
+  config.schedule.warmup_fraction = 1 / 16
   config.label_smoothing = 0.1
   return config

@@ -28,7 +28,8 @@ z-loss (weight 0).
 ImageNet (`s16`, `b16`): ViT-S/16 or B/16 whose second-half blocks (6-11)
 are MoE layers with 32 experts, one image per routing group (197 tokens),
 budget 1 (c = ceil(197 / 32) = 7 slots per expert), with the
-`common.imagenet_recipe` (ImageNet-1k, 300 epochs at batch 4096).
+`common.imagenet_recipe` (big_vision's ImageNet-1k ViT recipe with the
+AugReg preset medium2, 300 epochs at batch 4096).
 """
 
 from vmoe.recipes import common
@@ -66,7 +67,7 @@ def digits_kinds(*, num_heads: int | None = None, attention: str = 'mha',
 def imagenet(variant: str, **moe):
   """ViT-{S,B}/16 on ImageNet-1k, 32 experts in blocks 6-11, groups of one
   image."""
-  config = common.imagenet_recipe(common.get_base_config())
+  config = common.imagenet_recipe(common.get_base_config(), aug='medium2')
   config.model.variant = variant
   config.model.moe = common.moe_config(
       layers='second_half', num_experts=IMAGENET_EXPERTS, group_size=197,

@@ -7,6 +7,7 @@ touching the workdir.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -22,9 +23,11 @@ from vmoe.kernels import registry as kernel_registry
 from vmoe.nn import moe as moe_lib
 from vmoe.nn import routers
 from vmoe.nn import routing
+from vmoe.nn import scan as scan_lib
 from vmoe.nn import vit
 from vmoe.nn.batched_mlp import DEFAULT_GELU, GELU_FORMS
 from vmoe.train import optimizer as optimizer_lib
+from vmoe.train import steps
 
 REQUIRED_FIELDS = (
     'seed', 'batch_size', 'eval_batch_size', 'num_train_steps',
@@ -32,8 +35,7 @@ REQUIRED_FIELDS = (
     'max_to_keep', 'dataset.name', 'dataset.data_dir',
     'dataset.train_split', 'dataset.eval_split',
     'preprocess.image_size', 'preprocess.num_channels', 'model.variant',
-    'optimizer.name', 'optimizer.learning_rate', 'schedule.name',
-    'schedule.warmup_steps')
+    'optimizer.name', 'optimizer.learning_rate', 'schedule.name')
 TRAIN_CROPS = preprocess_config.TRAIN_CROPS
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -105,6 +107,27 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
          config.model.get('gelu'), f'is not one of {GELU_FORMS}')
   _check(config.model.get('dtype', 'float32') in DTYPES, 'model.dtype',
          config.model.get('dtype'), f'is not one of {DTYPES}')
+  _check(config.model.get('param_dtype', 'float32') in DTYPES,
+         'model.param_dtype', config.model.get('param_dtype'),
+         f'is not one of {DTYPES}')
+  _check(isinstance(config.model.get('scan_layers', False), bool),
+         'model.scan_layers', config.model.get('scan_layers'),
+         'must be True or False')
+  try:
+    scan_lib.validate_remat(config.model.get('remat', 'none'))
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  _check(config.get('loss', 'softmax_xent') in steps.LOSSES, 'loss',
+         config.get('loss'), f'is not one of {steps.LOSSES}')
+  accum = config.get('grad_accum_steps', 1)
+  _check(is_int(accum) and accum >= 1, 'grad_accum_steps', accum,
+         'must be an integer >= 1')
+  _check(config.batch_size % accum == 0, 'grad_accum_steps', accum,
+         f'does not divide batch_size={config.batch_size}')
+  _validate_cost(config)
+  _check(is_number(config.model.get('head_bias_init', 0.0)),
+         'model.head_bias_init', config.model.get('head_bias_init'),
+         'must be a number')
   for path in ('model.dropout', 'model.stochastic_depth', 'label_smoothing'):
     value = _get(config, path)
     _check(is_number(value) and 0 <= value < 1, path, value,
@@ -130,6 +153,11 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
       raise ConfigError(f'config.{e}') from None
     _check(bool(blocks), 'model.moe.layers', moe.get('layers'),
            'selects no block; set model.moe=None for a dense model')
+    expert_dropout = moe.get('dropout')
+    _check(expert_dropout is None or (is_number(expert_dropout)
+                                      and 0 <= expert_dropout < 1),
+           'model.moe.dropout', expert_dropout,
+           'must be None (model.dropout) or in [0, 1)')
   # Attention and block kinds (vmoe.nn.attention, vmoe.nn.blocks).
   for name in ('attention_options', 'block_options'):
     value = config.model.get(name)
@@ -155,10 +183,13 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
   _check(abs(opt.learning_rate) <= float(np.finfo(np.float32).max),
          'optimizer.learning_rate', opt.learning_rate,
          'is not finite in float32 (the parameter dtype)')
-  for name in ('weight_decay', 'grad_clip_norm', 'eps'):
+  for name in ('grad_clip_norm', 'eps'):
     value = opt.get(name, 0.0)
     _check(is_number(value) and value >= 0, f'optimizer.{name}', value,
            'must be >= 0')
+  _check_weight_decay(opt.get('weight_decay', 0.0))
+  _check(opt.get('mu_dtype') in optimizer_lib.MU_DTYPES, 'optimizer.mu_dtype',
+         opt.get('mu_dtype'), f'is not one of {optimizer_lib.MU_DTYPES}')
   for name in ('b1', 'b2', 'momentum'):
     value = opt.get(name, 0.0)
     _check(is_number(value) and 0 <= value < 1, f'optimizer.{name}', value,
@@ -166,10 +197,15 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
   sched = config.schedule
   _check(sched.name in optimizer_lib.SCHEDULES, 'schedule.name', sched.name,
          f'is not one of {optimizer_lib.SCHEDULES}')
-  _check(is_int(sched.warmup_steps)
-         and 0 <= sched.warmup_steps <= config.num_train_steps,
-         'schedule.warmup_steps', sched.warmup_steps,
-         f'must be in [0, num_train_steps={config.num_train_steps}]')
+  warmup, fraction = sched.get('warmup_steps'), sched.get('warmup_fraction')
+  _check((warmup is None) != (fraction is None), 'schedule.warmup_fraction',
+         fraction, f'and schedule.warmup_steps={warmup!r}: set exactly one '
+         '(the other None)')
+  _check(warmup is None or (is_int(warmup) and warmup >= 0),
+         'schedule.warmup_steps', warmup,
+         'must be an integer >= 0 (clamped to num_train_steps)')
+  _check(fraction is None or (is_number(fraction) and 0 <= fraction <= 1),
+         'schedule.warmup_fraction', fraction, 'must be in [0, 1]')
   _check(is_number(sched.end_lr_fraction) and 0 <= sched.end_lr_fraction <= 1,
          'schedule.end_lr_fraction', sched.end_lr_fraction, 'must be in [0, 1]')
 
@@ -191,6 +227,38 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
         config.model, config.preprocess.image_size))
   init_from.validate_config(config, check_path=not resuming)
   fewshot.validate_config(config)
+
+
+def _check_weight_decay(wd: Any) -> None:
+  """A number >= 0 or a sequence of (regex, number >= 0) pairs."""
+  if is_number(wd):
+    _check(wd >= 0, 'optimizer.weight_decay', wd, 'must be >= 0')
+    return
+  ok = isinstance(wd, (tuple, list)) and all(
+      isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+      and is_number(p[1]) and p[1] >= 0 for p in wd)
+  _check(ok, 'optimizer.weight_decay', wd,
+         'must be a number >= 0 or a sequence of (regex, value >= 0) pairs')
+  for regex, _ in wd:
+    try:
+      re.compile(regex)
+    except re.error as e:
+      raise ConfigError(f'config.optimizer.weight_decay regex {regex!r} is '
+                        f'invalid ({e})') from None
+
+
+def _validate_cost(config: ml_collections.ConfigDict) -> None:
+  steps_range = config.get('profile_steps')
+  _check(steps_range is None or (
+      isinstance(steps_range, (tuple, list)) and len(steps_range) == 2
+      and all(map(is_int, steps_range)) and 1 <= steps_range[0] <= steps_range[1]),
+         'profile_steps', steps_range,
+         'must be None or (first, last) train steps with 1 <= first <= last')
+  cost = config.get('cost') or {}
+  for name in ('peak_tflops', 'memory_gib'):
+    value = cost.get(name)
+    _check(value is None or (is_number(value) and value > 0), f'cost.{name}',
+           value, 'must be None or a number > 0')
 
 
 def validate_mesh(config: ml_collections.ConfigDict,
@@ -215,6 +283,11 @@ def validate_mesh(config: ml_collections.ConfigDict,
     raise ConfigError(f'config.batch_size={value} is not divisible by the '
                       f'{num_devices} devices of mesh {sizes} '
                       f'({num_processes} processes)')
+  accum = config.get('grad_accum_steps', 1) or 1
+  if value % (num_devices * accum):
+    raise ConfigError(f'config.grad_accum_steps={accum} micro-batches of '
+                      f'config.batch_size={value} do not split evenly over the '
+                      f'{num_devices} devices of mesh {sizes}')
   # Eval batches are padded (mask 0) to a multiple of the devices.
   if config.eval_batch_size % num_processes:
     raise ConfigError(f'config.eval_batch_size={config.eval_batch_size} is '
@@ -251,8 +324,13 @@ def validate_mesh(config: ml_collections.ConfigDict,
     tokens = tokens_per_image
     for name in ('batch_size', 'eval_batch_size'):
       local = -(-config[name] // num_devices) * tokens
+      if name == 'batch_size' and accum > 1:
+        local //= accum  # routing groups stay within a micro-batch
+        what = f'of a micro-batch (grad_accum_steps={accum}) '
+      else:
+        what = ''
       if local % group_size:
         raise ConfigError(
             f'config.model.moe.group_size={group_size} does not divide the '
-            f'{local} tokens per device of config.{name}={config[name]} '
+            f'{local} tokens per device {what}of config.{name}={config[name]} '
             f'({tokens} tokens per image, {num_devices} devices)')

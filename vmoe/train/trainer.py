@@ -59,10 +59,12 @@ from vmoe import sharding
 from vmoe import workdir as workdir_lib
 from vmoe.checkpoints import checkpointer as checkpoint_lib
 from vmoe.checkpoints import init_from
+from vmoe.checkpoints import layout
 from vmoe.config import ConfigError
 from vmoe.data import pipeline
 from vmoe.evaluate import fewshot
 from vmoe.nn import vit
+from vmoe.train import cost
 from vmoe.train import metrics_writer
 from vmoe.train import optimizer as optimizer_lib
 from vmoe.train import steps
@@ -109,47 +111,42 @@ class Experiment:
   shardings), train_step / eval_step (jitted).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict,
+               num_classes: int | None = None):
+    """num_classes: None = the dataset's (the dry run passes its own)."""
     self.config = config
-    self.num_classes = pipeline.num_classes(config.dataset)
+    self.num_classes = (pipeline.num_classes(config.dataset)
+                        if num_classes is None else num_classes)
     self.mesh = sharding.create_mesh(config)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.model_factory = lambda rngs: vit.create_model(
-        config.model, num_classes=self.num_classes,
-        image_size=config.preprocess.image_size,
-        num_channels=config.preprocess.num_channels, rngs=rngs)
-    abstract_model = nnx.eval_shape(lambda: self.model_factory(nnx.Rngs(0)))
-    self.model_fn = steps.ModelFn(abstract_model)
+    self.model_factory = self._model_factory(config.model)
     self.learning_rate_fn = optimizer_lib.learning_rate_schedule(config)
     self.tx = optimizer_lib.create_optimizer(config)
-
-    abstract_state = jax.eval_shape(self._init_state)
-    # Parameters (and their optimizer state) follow config.partitioning.
-    self.params_spec = sharding.param_specs(
-        abstract_model, config, dict(self.mesh.shape))
-    self.state_sharding = sharding.state_shardings(
-        self.mesh, abstract_state, self.params_spec)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract_state, self.state_sharding)
+    abstract_model, self.abstract_state, self.state_sharding = (
+        self._abstract_state(self.model_factory))
+    self.model_fn = steps.ModelFn(abstract_model)
     if jax.process_index() == 0:
       print(sharding.sharding_summary(self.abstract_state, self.state_sharding,
                                       self.mesh), flush=True)
     self.init_state = jax.jit(self._init_state,
                               out_shardings=self.state_sharding)
     replicated = sharding.replicated(self.mesh)
+    loss = config.get('loss', 'softmax_xent')
     # Traced under the mesh so MoE layers place their own all-to-alls; the
     # outputs (metrics, eval sums) are replicated, i.e. reduced globally.
     self.train_step = jax.jit(
         sharding.with_mesh(steps.make_train_step(
             self.model_fn, self.tx, seed=config.seed,
             label_smoothing=config.label_smoothing,
-            learning_rate_fn=self.learning_rate_fn), self.mesh),
+            learning_rate_fn=self.learning_rate_fn, loss=loss,
+            grad_accum_steps=config.get('grad_accum_steps', 1),
+            batch_shards=self.mesh.devices.size), self.mesh),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated),
         donate_argnums=0)
     self.eval_step = jax.jit(
-        sharding.with_mesh(steps.make_eval_step(self.model_fn), self.mesh),
+        sharding.with_mesh(steps.make_eval_step(self.model_fn, loss),
+                           self.mesh),
         in_shardings=(self.state_sharding['params'], self.batch_sharding),
         out_shardings=replicated)
     # NaN/inf anywhere in the parameters or optimizer state (one pass over
@@ -158,15 +155,53 @@ class Experiment:
         lambda state: steps.all_finite((state['params'], state['opt_state'])),
         in_shardings=(self.state_sharding,), out_shardings=replicated)
 
+  def _model_factory(self, model_cfg):
+    return lambda rngs: vit.create_model(
+        model_cfg, num_classes=self.num_classes,
+        image_size=self.config.preprocess.image_size,
+        num_channels=self.config.preprocess.num_channels, rngs=rngs)
+
+  def _abstract_state(self, model_factory):
+    """(abstract model, abstract train state with shardings, shardings)."""
+    abstract_model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(0)))
+    abstract_state = jax.eval_shape(lambda: self._init_state(model_factory))
+    # Parameters (and their optimizer state) follow config.partitioning.
+    params_spec = sharding.param_specs(
+        abstract_model, self.config, dict(self.mesh.shape))
+    state_sharding = sharding.state_shardings(
+        self.mesh, abstract_state, params_spec)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_state, state_sharding)
+    return abstract_model, abstract_state, state_sharding
+
+  def abstract_state_in_layout(self, scanned: bool):
+    """The abstract train state of this model in the scanned or unscanned
+    layout (`model.scan_layers`), to restore a checkpoint saved in it."""
+    model_cfg = ml_collections.ConfigDict(self.config.model.to_dict())
+    model_cfg.scan_layers = scanned
+    return self._abstract_state(self._model_factory(model_cfg))[1]
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The train batch as the train step sees it (global shapes)."""
+    pp = self.config.preprocess
+    b = self.config.batch_size
+    return {'image': jax.ShapeDtypeStruct(
+                (b, pp.image_size, pp.image_size, pp.num_channels),
+                jnp.float32, sharding=self.batch_sharding),
+            'labels': jax.ShapeDtypeStruct((b, self.num_classes), jnp.float32,
+                                           sharding=self.batch_sharding)}
+
   @property
   def checkpoint_bytes(self) -> int:
     """Bytes of one checkpoint of the train state (uncompressed)."""
     return sum(int(x.size) * x.dtype.itemsize
                for x in jax.tree.leaves(self.abstract_state))
 
-  def _init_state(self) -> dict[str, Any]:
+  def _init_state(self, model_factory=None) -> dict[str, Any]:
     key = jax.random.key(self.config.seed)
-    model = self.model_factory(nnx.Rngs(params=jax.random.fold_in(key, 1)))
+    model = (model_factory or self.model_factory)(
+        nnx.Rngs(params=jax.random.fold_in(key, 1)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': self.tx.init(params),
@@ -314,6 +349,26 @@ def _state_problem(exp: Experiment, state, step: int) -> str | None:
   return None
 
 
+def _restore_step(ckpt: checkpoint_lib.Checkpointer, step: int,
+                  exp: Experiment):
+  """(state, info): checkpoint `step` as the run's state, its digests
+  verified, also when it was saved in the other layout (`model.scan_layers`
+  changed on resume): then restored and verified in that layout and
+  converted on the devices."""
+  try:
+    info = ckpt.check_structure(step, exp.abstract_state)
+  except IncompatibleCheckpointError as error:
+    other = exp.abstract_state_in_layout(
+        not exp.config.model.get('scan_layers', False))
+    try:
+      info = ckpt.check_structure(step, other)
+    except IncompatibleCheckpointError:
+      raise error from None
+    return layout.convert_state(ckpt.restore(step, other, info),
+                                exp.abstract_state), info
+  return ckpt.restore(step, exp.abstract_state, info), info
+
+
 def _restore_newest(ckpt: checkpoint_lib.Checkpointer, exp: Experiment,
                     is_chief: bool):
   """(state, step, info) of the newest checkpoint that restores and
@@ -323,8 +378,7 @@ def _restore_newest(ckpt: checkpoint_lib.Checkpointer, exp: Experiment,
   permissions, a mount), so nothing moves."""
 
   def attempt(step: int):
-    info = ckpt.check_structure(step, exp.abstract_state)
-    state = ckpt.restore(step, exp.abstract_state, info)
+    state, info = _restore_step(ckpt, step, exp)
     problem = _state_problem(exp, state, step)
     if problem is not None:
       raise checkpoint_lib.CorruptCheckpointError(step, problem)
@@ -516,9 +570,18 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
     config_written = False
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    t_log, step_log = t_start, start_step
-    bar = tqdm(total=num_steps, initial=start_step, unit='step',
-               disable=not is_chief, dynamic_ncols=True, desc='train')
+    compile_seconds = 0.0
+    if is_chief:
+      note = _warmup_note(config)
+      if note:
+        print(note, flush=True)
+    peak, peak_source = cost.peak_flops(config)
+    meter = cost.Meter(batch_size=config.batch_size,
+                       flops_per_step=cost.model_flops(config, exp.num_classes),
+                       num_devices=jax.device_count(), peak=peak)
+    profiler = cost.Profiler(workdir, config.get('profile_steps'),
+                             enabled=is_chief)
+    run_perf: list[dict[str, float]] = []
 
     def check_finite(step: int) -> None:
       """NonFiniteLossError unless the state of `step` may be saved."""
@@ -566,38 +629,61 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
 
     step = start_step
     try:
+      batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
+      train_step, compile_seconds = _compile(exp, state, batch, is_chief,
+                                             peak_source)
+      # The bar starts after compilation and moves only at log points, when
+      # the steps are done: its rate and ETA count completed steps.
+      bar = tqdm(total=num_steps, initial=start_step, unit='step',
+                 disable=not is_chief, dynamic_ncols=True, desc='train')
+      meter.start(step)
       while step < num_steps:
-        batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
-        state, metrics = exp.train_step(state, batch)
+        if batch is None:
+          batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
+        profiler.before(step + 1)
+        state, metrics = train_step(state, batch)
+        batch = None
         step += 1
+        profiler.after(step, metrics)
         history.append(metrics)
-        bar.update(1)
         last = step == num_steps
         if step % config.log_every_steps == 0 or last:
           check_finite(step)
-          mean = _mean_metrics(history)
+          mean = _mean_metrics(history)  # waits for the steps to finish
           history.clear()
-          now = time.perf_counter()
-          rate = (step - step_log) / max(now - t_log, 1e-9)
-          mean['perf/steps_per_sec'] = rate
-          mean['perf/images_per_sec'] = rate * config.batch_size
-          t_log, step_log = now, step
+          perf = meter.measure(step)
+          mean.update(perf)
+          run_perf.append(perf)
           writer.write(step, 'train', mean)
-          bar.set_postfix(loss=f"{float(mean['loss']):.4f}",
-                          acc=f"{float(mean['accuracy']):.3f}")
+          bar.update(step - bar.n)
+          bar.set_postfix_str(
+              f"loss={float(mean['loss']):.4f}, "
+              f"acc={float(mean['accuracy']):.3f}, "
+              f"{perf['perf/images_per_sec']:,.0f} img/s"
+              + (f", MFU {100 * perf['perf/mfu']:.1f}%"
+                 if 'perf/mfu' in perf else ''))
         # Saved before evaluating, so that an evaluation error never costs
         # the step's checkpoint; the checkpoint records the evaluations due
-        # at its step, so that a resume runs those a kill interrupted.
+        # at its step, so that a resume runs those a kill interrupted. Their
+        # time is not training time.
+        t_other = None
         if step % config.checkpoint_every_steps == 0 or last:
+          t_other = _wait(state)
           save(step)
         if step % config.eval_every_steps == 0 or last:
+          t_other = t_other or _wait(state)
           eval_metrics = exp.evaluate(state['params'])
           _warn_nonfinite(step, eval_metrics)
           writer.write(step, 'eval', eval_metrics)
           bar.write(f'step {step}: eval accuracy {eval_metrics["accuracy"]:.4f}'
-                    f' loss {eval_metrics["loss"]:.4f}')
+                    f' loss {eval_metrics["loss"]:.4f}'
+                    + (f'; train {cost.perf_line(run_perf[-1])}'
+                       if run_perf else ''))
         if fewshot_eval is not None and fewshot_eval.due(step, last):
+          t_other = t_other or _wait(state)
           writer.write(step, 'fewshot', fewshot_eval(state['params']))
+        if t_other is not None:
+          meter.exclude(time.perf_counter() - t_other)
         if flag.signum is not None:
           save(step)
           ckpt.wait()
@@ -612,6 +698,8 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
           pass
       raise
   finally:
+    if 'profiler' in locals():
+      profiler.stop()
     if bar is not None:
       bar.close()
     try:
@@ -621,7 +709,56 @@ def _run(config, workdir: str, lock: workdir_lib.Lock,
   eval_metrics = dict(eval_metrics)
   eval_metrics['step'] = num_steps
   eval_metrics['train_seconds'] = time.perf_counter() - t_start
+  eval_metrics['compile_seconds'] = compile_seconds
+  eval_metrics.update(_run_perf(run_perf))
   return eval_metrics
+
+
+def _wait(state) -> float:
+  """Blocks until the steps so far are done; returns the time then."""
+  jax.block_until_ready(state['step'])
+  return time.perf_counter()
+
+
+def _compile(exp: Experiment, state, batch, is_chief: bool,
+             peak_source: str):
+  """(compiled train step, seconds), with one line on the program's cost."""
+  if not hasattr(exp.train_step, 'lower'):  # a wrapped step (tests)
+    return exp.train_step, 0.0
+  t0 = time.perf_counter()
+  compiled = exp.train_step.lower(state, batch).compile()
+  seconds = time.perf_counter() - t0
+  if is_chief:
+    memory = cost.program_memory(compiled)
+    capacity, _ = cost.memory_capacity(exp.config)
+    of = f' of {cost.format_bytes(capacity)}' if capacity else ''
+    print(f'compiled the train step in {seconds:.1f} s; per device '
+          f"{cost.format_bytes(memory['total'])}{of} (temporaries "
+          f"{cost.format_bytes(memory['temporaries'])}); MFU against "
+          f'{peak_source}', flush=True)
+  return compiled, seconds
+
+
+def _run_perf(records: list[dict[str, float]]) -> dict[str, float]:
+  """Means of the perf metrics over the run's log intervals (the first one
+  dropped when there are others: it warms caches up)."""
+  if len(records) > 1:
+    records = records[1:]
+  if not records:
+    return {}
+  keys = [k for k in records[0] if k.startswith('perf/')]
+  return {k: float(np.mean([r[k] for r in records if k in r])) for k in keys}
+
+
+def _warmup_note(config) -> str | None:
+  """A line saying that schedule.warmup_steps was clamped, if it was."""
+  sched = config.schedule
+  if (sched.get('warmup_fraction') is None
+      and sched.get('warmup_steps') is not None
+      and sched.warmup_steps > config.num_train_steps):
+    return (f'note: schedule.warmup_steps={sched.warmup_steps} clamped to '
+            f'num_train_steps={config.num_train_steps}')
+  return None
 
 
 def final_params(workdir: str) -> dict[str, Any] | None:

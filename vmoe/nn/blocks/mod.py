@@ -128,13 +128,15 @@ class MixtureOfDepths(kinds.Mixin, nnx.Module):
     _, index = jax.lax.top_k(priority, c)
     return jnp.sort(index, axis=-1)
 
-  def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x, *, drop_path_rate=0.0, train: bool,
+               rngs: nnx.Rngs | None):
     b, n, d = x.shape
     c = capacity_tokens(n, self.capacity)
     r = self.scores(x)
     index = self.select(r, c)                                     # [b, c]
     selected = jnp.take_along_axis(x, index[..., None], axis=1)   # [b, c, d]
-    out, inner = super().__call__(selected, train=train, rngs=rngs)
+    out, inner = super().__call__(selected, drop_path_rate=drop_path_rate,
+                                  train=train, rngs=rngs)
     w = self.weights(jnp.take_along_axis(r, index, axis=1))       # [b, c]
     if self.num_prefix_tokens:  # the class token gets the standard update
       w = jnp.where(index < self.num_prefix_tokens, 1.0, w)

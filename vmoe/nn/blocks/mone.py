@@ -229,7 +229,8 @@ class NestedExperts(kinds.Mixin, nnx.Module):
       start += c
     return jnp.concatenate(outs, axis=1)
 
-  def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x, *, drop_path_rate=0.0, train: bool,
+               rngs: nnx.Rngs | None):
     b, n, d = x.shape
     counts = token_counts(n, self.capacities(train), self.num_prefix_tokens)
     probs = self.probabilities(x)
@@ -259,7 +260,7 @@ class NestedExperts(kinds.Mixin, nnx.Module):
         sort(heads), counts, lambda s, dj: _pad(
             jnp.einsum('bchk,hkd->bcd', s, ko[..., :dj]) + bo[:dj], d)))
     y = layers.dropout(y, self.dropout_rate, train=train, rngs=rngs)
-    x = x + layers.drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    x = x + layers.drop_path(y, drop_path_rate, train=train, rngs=rngs)
 
     x = layers.materialize_cotangent(x)
     w1, b1, w2, b2 = (p[...].astype(dtype) for p in (
@@ -281,7 +282,7 @@ class NestedExperts(kinds.Mixin, nnx.Module):
     r = jnp.take_along_axis(probs, expert[..., None], axis=-1)     # [b, n, 1]
     y = y * (self.alpha[...].astype(jnp.float32) * r + 1).astype(y.dtype)
     y = layers.dropout(y, self.dropout_rate, train=train, rngs=rngs)
-    x = x + layers.drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    x = x + layers.drop_path(y, drop_path_rate, train=train, rngs=rngs)
     return x, {AUX_LOSS_KEY: jnp.zeros((), jnp.float32),
                **{f'nested/{k}': v for k, v in self.metrics(
                    probs, counts, n, d).items()}}
