@@ -485,7 +485,7 @@ def tiny(config, data_dir, source):
   config.log_every_steps = 1
   config.eval_every_steps = 2
   config.checkpoint_every_steps = 2
-  config.schedule.warmup_steps = 1
+  config.schedule.update(warmup_steps=1, warmup_fraction=None)
   return config
 
 

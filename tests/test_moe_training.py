@@ -32,7 +32,7 @@ def _short(name, data_dir, **moe_overrides):
   config.log_every_steps = 2
   config.eval_every_steps = 4
   config.checkpoint_every_steps = 4
-  config.schedule.warmup_steps = 1
+  config.schedule.update(warmup_steps=1, warmup_fraction=None)
   config.model.moe.update(moe_overrides)
   return config
 
@@ -95,8 +95,7 @@ def test_eval_at_another_capacity_without_retraining(digits_data_dir,
                '--config.batch_size=32', '--config.eval_batch_size=100',
                '--config.num_train_steps=4', '--config.log_every_steps=2',
                '--config.eval_every_steps=4',
-               '--config.checkpoint_every_steps=4',
-               '--config.schedule.warmup_steps=1']
+               '--config.checkpoint_every_steps=4']
   proc = subprocess.run(
       [sys.executable, '-m', 'vmoe.evaluate.capacity_sweep',
        '--config=configs/vmoe_b16_digits.py', *overrides,

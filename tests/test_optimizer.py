@@ -69,3 +69,20 @@ def test_global_norm_clipping():
   grads = {'w': jnp.full((4,), 10.0)}
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(optax.global_norm(updates)) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_warmup_steps_win_over_a_fraction_and_are_clamped():
+  from vmoe.train import trainer  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.num_train_steps = 160
+  config.schedule.update(warmup_steps=None, warmup_fraction=1 / 16)
+  assert optimizer.warmup_steps(config) == 10
+  assert trainer._warmup_note(config) is None  # pylint: disable=protected-access
+  config.schedule.warmup_steps = 3  # --config.schedule.warmup_steps=3
+  assert optimizer.warmup_steps(config) == 3
+  assert trainer._warmup_note(config) == (  # pylint: disable=protected-access
+      'note: schedule.warmup_steps=3 overrides schedule.warmup_fraction=0.0625')
+  config.schedule.warmup_steps = 500
+  assert optimizer.warmup_steps(config) == 160
+  assert trainer._warmup_note(config).endswith(  # pylint: disable=protected-access
+      'and clamped to num_train_steps=160')

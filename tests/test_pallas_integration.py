@@ -91,7 +91,7 @@ def _config(name, data_dir, kernels, **moe_overrides):
   config.optimizer.name = 'sgd'
   config.optimizer.momentum = 0.0
   config.optimizer.learning_rate = 0.5
-  config.schedule.warmup_steps = 0
+  config.schedule.update(warmup_steps=0, warmup_fraction=None)
   return config
 
 
@@ -249,7 +249,7 @@ def test_main_pallas_logs_the_losses_of_xla(name, moe_blocks, digits_data_dir,
   kernels) logs the losses of the same run on XLA."""
   args = [f'--config=configs/{name}.py',
           f'--config.dataset.data_dir={digits_data_dir}',
-          '--config.num_train_steps=3', '--config.schedule.warmup_steps=1',
+          '--config.num_train_steps=3',
           '--config.log_every_steps=1', '--config.batch_size=32',
           '--config.eval_batch_size=200']
   pallas_dir = tmp_path / 'pallas'

@@ -198,9 +198,11 @@ def _validate(config: ml_collections.ConfigDict, resuming: bool) -> None:
   _check(sched.name in optimizer_lib.SCHEDULES, 'schedule.name', sched.name,
          f'is not one of {optimizer_lib.SCHEDULES}')
   warmup, fraction = sched.get('warmup_steps'), sched.get('warmup_fraction')
-  _check((warmup is None) != (fraction is None), 'schedule.warmup_fraction',
-         fraction, f'and schedule.warmup_steps={warmup!r}: set exactly one '
-         '(the other None)')
+  # Both may be set: warmup_steps then wins (a command-line
+  # --config.schedule.warmup_steps=N on a recipe that uses a fraction; the
+  # trainer says so in its first lines).
+  _check(warmup is not None or fraction is not None, 'schedule.warmup_steps',
+         warmup, 'and schedule.warmup_fraction=None: set one of them')
   _check(warmup is None or (is_int(warmup) and warmup >= 0),
          'schedule.warmup_steps', warmup,
          'must be an integer >= 0 (clamped to num_train_steps)')

@@ -46,14 +46,14 @@ MU_DTYPES = (None, 'float32', 'bfloat16')
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:
-  """Warmup steps of the run: `schedule.warmup_fraction` of num_train_steps
-  (rounded), else `schedule.warmup_steps` clamped to num_train_steps."""
+  """Warmup steps of the run: `schedule.warmup_steps` clamped to
+  num_train_steps when set (it wins over a fraction), else
+  `schedule.warmup_fraction` of num_train_steps (rounded)."""
   sched = config.schedule
   total = config.num_train_steps
-  fraction = sched.get('warmup_fraction')
-  if fraction is not None:
-    return min(int(round(fraction * total)), total)
-  return min(int(sched.warmup_steps), total)
+  if sched.get('warmup_steps') is not None:
+    return min(int(sched.warmup_steps), total)
+  return min(int(round(sched.warmup_fraction * total)), total)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

@@ -751,14 +751,19 @@ def _run_perf(records: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _warmup_note(config) -> str | None:
-  """A line saying that schedule.warmup_steps was clamped, if it was."""
+  """A line saying how schedule.warmup_steps was taken, if not as given:
+  clamped to num_train_steps, or in place of the recipe's fraction."""
   sched = config.schedule
-  if (sched.get('warmup_fraction') is None
-      and sched.get('warmup_steps') is not None
-      and sched.warmup_steps > config.num_train_steps):
-    return (f'note: schedule.warmup_steps={sched.warmup_steps} clamped to '
-            f'num_train_steps={config.num_train_steps}')
-  return None
+  steps, fraction = sched.get('warmup_steps'), sched.get('warmup_fraction')
+  if steps is None:
+    return None
+  notes = []
+  if fraction is not None:
+    notes.append(f'overrides schedule.warmup_fraction={fraction:g}')
+  if steps > config.num_train_steps:
+    notes.append(f'clamped to num_train_steps={config.num_train_steps}')
+  return (f'note: schedule.warmup_steps={steps} ' + ' and '.join(notes)
+          if notes else None)
 
 
 def final_params(workdir: str) -> dict[str, Any] | None:
