@@ -90,15 +90,10 @@ def test_eval_at_another_capacity_without_retraining(digits_data_dir,
   # factor 2 that takes a router sending over half the group to two experts,
   # rare but not impossible after 4 steps.
   assert high['dropped_fraction'] < min(0.01, low['dropped_fraction'] / 10)
-  # The command line prints the same numbers as a table and writes them.
-  overrides = [f'--config.dataset.data_dir={digits_data_dir}',
-               '--config.batch_size=32', '--config.eval_batch_size=100',
-               '--config.num_train_steps=4', '--config.log_every_steps=2',
-               '--config.eval_every_steps=4',
-               '--config.checkpoint_every_steps=4']
+  # The command line (the run's config read from its checkpoint) prints the
+  # same numbers as a table and writes them.
   proc = subprocess.run(
       [sys.executable, '-m', 'vmoe.evaluate.capacity_sweep',
-       '--config=configs/vmoe_b16_digits.py', *overrides,
        f'--workdir={tmp_path}', '--capacity_factors=0.25,2.0'],
       cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
       capture_output=True, text=True, timeout=600)
