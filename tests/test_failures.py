@@ -612,6 +612,15 @@ def _main(config, workdir, *args, **popen):
       **popen)
 
 
+def _start_main(config, workdir) -> subprocess.Popen:
+  """main.py started in the background (to be sent signals)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.Popen(
+      [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
 @pytest.mark.slow
 def test_main_on_a_finished_workdir_and_a_locked_one(digits_data_dir,
                                                      workdir, tmp_path):
@@ -651,11 +660,7 @@ def test_main_interrupted_while_starting_writes_nothing(digits_data_dir,
                   'time.sleep(8)\n')
   config = str(slow)
   before = _snapshot(workdir)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  child = subprocess.Popen(
-      [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
+  child = _start_main(config, workdir)
   try:
     time.sleep(3)
     child.send_signal(signal.SIGINT)
@@ -703,11 +708,7 @@ def test_ctrl_c_twice_while_training_exits_130_in_one_line(digits_data_dir,
       tmp_path, digits_data_dir, num_train_steps=100_000, log_every_steps=1,
       eval_every_steps=100_000, checkpoint_every_steps=100_000)
   workdir = tmp_path / 'work'
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  child = subprocess.Popen(
-      [sys.executable, 'main.py', f'--config={config}', f'--workdir={workdir}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
+  child = _start_main(config, workdir)
   try:
     deadline = time.time() + 240
     while not (workdir / 'metrics.jsonl').is_file() and time.time() < deadline:
